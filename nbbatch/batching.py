@@ -1,0 +1,152 @@
+"""Where a Trainer's batches come from: device-resident tensors, a map-style Dataset, or a DataLoader.
+
+Every source answers the same question, "the batches of epoch ``e`` from batch ``i`` on", so a
+run can stop anywhere and resume at exactly the same batch. The order of an epoch is a seeded
+permutation that depends only on ``(seed, epoch)``; it is drawn on the CPU and moved to the
+training device once per epoch, so CPU and GPU runs see the same batches.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+_SEED_STRIDE = 1_000_003  # a prime: epochs of nearby seeds do not share permutations
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of the ``n`` training examples in ``epoch`` (CPU int64 tensor).
+
+    Example:
+        >>> bool((epoch_permutation(5, 0, 1) == epoch_permutation(5, 0, 1)).all())
+        True
+    """
+    g = torch.Generator()
+    g.manual_seed((seed * _SEED_STRIDE + epoch) % (2**63 - 1))
+    return torch.randperm(n, generator=g)
+
+
+def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
+    """Optimizer steps in one epoch of ``n`` examples."""
+    return n // batch_size if drop_last else math.ceil(n / batch_size)
+
+
+class TensorBatches:
+    """In-memory tensors, moved to the training device once, sliced by index each step.
+
+    With ``on_device=False`` on a CUDA device the tensors stay in pinned host memory and each
+    batch is copied without blocking (for datasets larger than the device).
+    """
+
+    kind = "tensors"
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int,
+                 drop_last: bool, seed: int, on_device: bool = True):
+        self.n = len(x)
+        self.device = device
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.seed = seed
+        self.on_device = on_device or device.type == "cpu"
+        if self.on_device:
+            self.x, self.y = x.to(device), y.to(device)
+        else:
+            self.x, self.y = x.cpu(), y.cpu()
+            if device.type == "cuda":
+                self.x, self.y = self.x.pin_memory(), self.y.pin_memory()
+        self.steps_per_epoch = num_batches(self.n, batch_size, drop_last)
+        self._perm_epoch = None
+        self._perm = None
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        if self._perm_epoch != epoch:
+            perm = epoch_permutation(self.n, self.seed, epoch)
+            self._perm = perm.to(self.x.device)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        perm = self.permutation(epoch)
+        B = self.batch_size
+        x, y, copy = self.x, self.y, not self.on_device
+        for i in range(start, self.steps_per_epoch):
+            idx = perm[i * B:(i + 1) * B]
+            if copy:
+                # A host-side gather is unpinned; pin it so the copy to the device can overlap.
+                yield (x[idx].pin_memory().to(self.device, non_blocking=True),
+                       y[idx].pin_memory().to(self.device, non_blocking=True))
+            else:
+                yield x[idx], y[idx]
+
+
+class _ListSampler(torch.utils.data.Sampler):
+    def __init__(self, indices: list[int]):
+        self.indices = indices
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+class DatasetBatches:
+    """A map-style ``Dataset`` read through a ``DataLoader`` in the seeded epoch order."""
+
+    kind = "dataset"
+
+    def __init__(self, dataset: Dataset, device: torch.device, batch_size: int, drop_last: bool, seed: int):
+        self.dataset = dataset
+        self.n = len(dataset)
+        self.device = device
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.seed = seed
+        self.steps_per_epoch = num_batches(self.n, batch_size, drop_last)
+
+    def batches(self, epoch: int, start: int = 0):
+        order = epoch_permutation(self.n, self.seed, epoch)[start * self.batch_size:].tolist()
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=_ListSampler(order),
+                            drop_last=self.drop_last, pin_memory=self.device.type == "cuda")
+        for xb, yb in loader:
+            yield xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
+
+
+class LoaderBatches:
+    """A user's ``DataLoader``, used as it is: its batches are the optimizer batches.
+
+    Resuming mid-epoch skips the batches already used; the order matches the interrupted run
+    only when the loader's own shuffling is seeded.
+    """
+
+    kind = "loader"
+
+    def __init__(self, loader: DataLoader, device: torch.device):
+        self.loader = loader
+        self.device = device
+        self.n = len(loader.dataset) if hasattr(loader, "dataset") and hasattr(loader.dataset, "__len__") else None
+        try:
+            self.steps_per_epoch = len(loader)
+        except TypeError as err:
+            raise TypeError("data: a DataLoader without a length (an iterable dataset) is not supported; "
+                            "wrap the data in a map-style Dataset or pass tensors") from err
+        self.batch_size = loader.batch_size
+
+    def batches(self, epoch: int, start: int = 0):
+        for i, batch in enumerate(self.loader):
+            if i < start:
+                continue
+            xb, yb = batch[0], batch[1]
+            yield xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
+
+
+def as_tensors(data) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(x, y)`` when ``data`` is in memory (a pair of tensors or a TensorDataset), else None."""
+    if isinstance(data, TensorDataset) and len(data.tensors) >= 2:
+        return data.tensors[0], data.tensors[1]
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        return data[0], data[1]
+    return None

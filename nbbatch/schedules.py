@@ -1,0 +1,173 @@
+"""Learning-rate schedules as pure, closed-form functions of the optimizer step.
+
+A schedule is warm-up (none / linear "gradual" / constant, Goyal et al. 2017) followed by a
+decay (constant / cosine / step / linear). ``lr(step)`` depends on nothing but its arguments,
+so a resumed run gets exactly the learning rates of an uninterrupted one and the values can be
+tested against tables. ``Schedule.lambda_lr`` hands the same function to torch's ``LambdaLR``
+for users who drive their own loop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+WARMUPS = ("none", "linear", "gradual", "constant")
+DECAYS = ("constant", "cosine", "step", "linear")
+SCALE_RULES = ("none", "linear", "sqrt")
+
+
+def scale_lr(lr: float, batch_size: int, base_batch_size: int, rule: str = "linear") -> float:
+    """Scale a learning rate tuned at ``base_batch_size`` to ``batch_size``.
+
+    ``"linear"``: lr * B/B0 (Goyal et al. 2017); ``"sqrt"``: lr * sqrt(B/B0) (Hoffer et al. 2017);
+    ``"none"``: lr unchanged.
+
+    Args:
+        lr: the learning rate that works at ``base_batch_size``.
+        batch_size: examples per optimizer step of the new run.
+        base_batch_size: the batch size ``lr`` was tuned for.
+        rule: ``"none"``, ``"linear"`` or ``"sqrt"``.
+
+    Example:
+        >>> scale_lr(0.1, 1024, 256, "linear"), scale_lr(0.1, 1024, 256, "sqrt")
+        (0.4, 0.2)
+    """
+    if rule not in SCALE_RULES:
+        raise ValueError(f"scale_rule={rule!r} is not known; use one of {SCALE_RULES}")
+    for name, value in (("batch_size", batch_size), ("base_batch_size", base_batch_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    k = batch_size / base_batch_size
+    if rule == "linear":
+        return lr * k
+    if rule == "sqrt":
+        return lr * math.sqrt(k)
+    return lr
+
+
+def warmup_factor(step: int, kind: str, warmup_steps: int, start: float) -> float:
+    """Multiplier of the peak learning rate at ``step`` during warm-up (1.0 once it is over).
+
+    ``"linear"``/``"gradual"``: from ``start`` at step 0 rising by equal amounts to 1.0 at
+    ``warmup_steps``; ``"constant"``: ``start`` for the first ``warmup_steps`` steps, then 1.0.
+
+    Example:
+        >>> [warmup_factor(s, "linear", 4, 0.2) for s in range(6)]
+        [0.2, 0.4, 0.6000000000000001, 0.8, 1.0, 1.0]
+    """
+    if kind == "none" or step >= warmup_steps:
+        return 1.0
+    if kind in ("linear", "gradual"):
+        return start + (1.0 - start) * step / warmup_steps
+    if kind == "constant":
+        return start
+    raise ValueError(f"warmup={kind!r} is not known; use one of {WARMUPS}")
+
+
+def decay_factor(step: int, kind: str, *, warmup_steps: int = 0, total_steps: int | None = None,
+                 every: int | None = None, gamma: float = 0.1, min_factor: float = 0.0) -> float:
+    """Multiplier of the peak learning rate at ``step`` after warm-up.
+
+    ``"cosine"`` and ``"linear"`` fall from 1 at ``warmup_steps`` to ``min_factor`` at
+    ``total_steps`` and stay there; ``"step"`` multiplies by ``gamma`` every ``every`` steps,
+    counted from step 0 (Goyal et al. divide at fixed epochs); ``"constant"`` is 1.
+
+    Example:
+        >>> [round(decay_factor(s, "cosine", total_steps=4), 3) for s in range(5)]
+        [1.0, 0.854, 0.5, 0.146, 0.0]
+    """
+    if kind == "constant":
+        return 1.0
+    if kind == "step":
+        return gamma ** (step // every)
+    if kind in ("cosine", "linear"):
+        span = total_steps - warmup_steps
+        progress = min(max(step - warmup_steps, 0) / span, 1.0) if span > 0 else 1.0
+        if kind == "cosine":
+            return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - (1.0 - min_factor) * progress
+    raise ValueError(f"decay={kind!r} is not known; use one of {DECAYS}")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A complete learning-rate schedule in optimizer steps; ``schedule(step)`` is the lr.
+
+    Args:
+        peak_lr: the learning rate after warm-up (already scaled for the batch size).
+        warmup: ``"none"``, ``"linear"`` (alias ``"gradual"``) or ``"constant"``.
+        warmup_steps: length of the warm-up in optimizer steps.
+        warmup_start: fraction of ``peak_lr`` at step 0 of the warm-up.
+        decay: ``"constant"``, ``"cosine"``, ``"step"`` or ``"linear"``.
+        total_steps: where cosine/linear decay reach ``min_factor`` (required for them).
+        decay_every: steps between two ``"step"`` decays (required for it).
+        decay_gamma: factor of each ``"step"`` decay.
+        min_factor: floor of cosine/linear decay, as a fraction of ``peak_lr``.
+
+    Example:
+        >>> s = Schedule(0.4, warmup="linear", warmup_steps=4, warmup_start=0.25,
+        ...              decay="linear", total_steps=8)
+        >>> [round(s(t), 3) for t in range(9)]
+        [0.1, 0.175, 0.25, 0.325, 0.4, 0.3, 0.2, 0.1, 0.0]
+    """
+
+    peak_lr: float
+    warmup: str = "none"
+    warmup_steps: int = 0
+    warmup_start: float = 0.1
+    decay: str = "constant"
+    total_steps: int | None = None
+    decay_every: int | None = None
+    decay_gamma: float = 0.1
+    min_factor: float = 0.0
+
+    def __post_init__(self):
+        if not (isinstance(self.peak_lr, (int, float)) and math.isfinite(self.peak_lr) and self.peak_lr >= 0):
+            raise ValueError(f"lr must be a finite number >= 0, got {self.peak_lr!r}")
+        if self.warmup not in WARMUPS:
+            raise ValueError(f"warmup={self.warmup!r} is not known; use one of {WARMUPS}")
+        if self.decay not in DECAYS:
+            raise ValueError(f"decay={self.decay!r} is not known; use one of {DECAYS}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+        if self.warmup != "none" and self.warmup_steps == 0:
+            raise ValueError(f"warmup={self.warmup!r} needs a length: set warmup_steps (or warmup_epochs) > 0")
+        if not 0.0 <= self.warmup_start <= 1.0:
+            raise ValueError(f"warmup_start must lie in [0, 1], got {self.warmup_start!r}")
+        if self.decay in ("cosine", "linear"):
+            if self.total_steps is None:
+                raise ValueError(f"decay={self.decay!r} needs total_steps (the length of the run)")
+        if self.total_steps is not None:
+            if not isinstance(self.total_steps, int) or self.total_steps < 1:
+                raise ValueError(f"total_steps must be a positive int, got {self.total_steps!r}")
+            if self.warmup != "none" and self.warmup_steps > self.total_steps:
+                raise ValueError(f"the warm-up ({self.warmup_steps} steps) is longer than the run "
+                                 f"({self.total_steps} steps); shorten the warm-up or train longer")
+        if self.decay == "step" and (not isinstance(self.decay_every, int) or self.decay_every < 1):
+            raise ValueError(f"decay='step' needs decay_every as a positive number of steps, got {self.decay_every!r}")
+        if not 0.0 < self.decay_gamma <= 1.0:
+            raise ValueError(f"decay_gamma must lie in (0, 1], got {self.decay_gamma!r}")
+        if not 0.0 <= self.min_factor <= 1.0:
+            raise ValueError(f"min_lr_factor must lie in [0, 1], got {self.min_factor!r}")
+
+    def factor(self, step: int) -> float:
+        """The multiplier of ``peak_lr`` at ``step``."""
+        if step < self.warmup_steps and self.warmup != "none":
+            return warmup_factor(step, self.warmup, self.warmup_steps, self.warmup_start)
+        return decay_factor(step, self.decay, warmup_steps=self.warmup_steps if self.warmup != "none" else 0,
+                            total_steps=self.total_steps, every=self.decay_every, gamma=self.decay_gamma,
+                            min_factor=self.min_factor)
+
+    def __call__(self, step: int) -> float:
+        return self.peak_lr * self.factor(step)
+
+    def values(self, steps: int) -> list[float]:
+        """The learning rates of steps ``0 .. steps-1`` (for plots and tables)."""
+        return [self(s) for s in range(steps)]
+
+    def lambda_lr(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        """The same schedule as torch's ``LambdaLR`` (the optimizer's lr must be ``peak_lr``)."""
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, self.factor)
