@@ -340,9 +340,7 @@ class Trainer:
             # scaler makes this check itself and skips such steps.
             grads = [p.grad for p in self._params if p.grad is not None]
             if grads:
-                self._found_inf.zero_()
-                torch._amp_foreach_non_finite_check_and_unscale_(grads, self._found_inf, self._one)
-                bad = bool(self._found_inf.item())
+                bad = _any_nonfinite(grads, self._found_inf, self._one)
         if bad:
             self.optimizer.zero_grad(set_to_none=True)
             self._batches = None   # the failed batch is not consumed: the position stays put
@@ -422,7 +420,8 @@ class Trainer:
                         break
             else:
                 reason = "completed"
-            if self._eval_data is not None and last_eval_step != self.step_count and reason != "interrupted":
+            # A stop is a pause: no extra evaluation, so a resumed run records what an uninterrupted one does.
+            if self._eval_data is not None and last_eval_step != self.step_count and reason in ("completed", "target"):
                 ev = self._record_eval()
                 if reason == "completed" and target is not None and target.metric in ev and target.reached(ev[target.metric]):
                     reason = "target"
@@ -683,6 +682,17 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 
 
 # ---------------------------------------------------------------------- helpers
+def _any_nonfinite(tensors: list[torch.Tensor], found: torch.Tensor, one: torch.Tensor) -> bool:
+    """True when any element of ``tensors`` is inf or nan (one fused pass where torch has it)."""
+    try:
+        found.zero_()
+        # GradScaler's own check: multiplies by 1.0 (exact) and flags any inf/nan.
+        torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, one)
+        return bool(found.item())
+    except (AttributeError, RuntimeError, NotImplementedError):  # older torch or another backend
+        return not all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
 def _grad_scaler(device: torch.device):
     amp = getattr(torch, "amp", None)
     if amp is not None and hasattr(amp, "GradScaler"):

@@ -137,6 +137,23 @@ def test_request_stop_from_callback_lands_after_the_current_step(toy):
     assert h.events[-1]["event"] == "stopped"
 
 
+def test_stop_then_save_then_resume_records_the_same_history(toy, tmp_path):
+    opts = dict(eval_data=toy, batch_size=16, lr=0.05, seed=1, eval_every=5)
+    full = Trainer(make_mlp(), toy, **opts)
+    full.fit(epochs=2)
+    t = Trainer(make_mlp(), toy, **opts)
+    t.add_callback("step_end", lambda tr, row: tr.request_stop() if row["step"] == 12 else None)
+    t.fit(epochs=2)
+    assert t.history.evals["step"] == [5, 10]       # no evaluation at the stop itself
+    t.save(tmp_path / "s.pt")
+    back = Trainer.load(tmp_path / "s.pt", make_mlp(seed=3), toy, eval_data=toy)
+    back.fit()
+    assert same_weights(back.model, full.model)
+    assert back.history.evals.rows() == [dict(r, time=r2["time"]) for r, r2 in
+                                         zip(full.history.evals.rows(), back.history.evals.rows())]
+    assert det_columns(back.history) == det_columns(full.history)
+
+
 def test_request_stop_from_another_thread(toy):
     t = Trainer(make_mlp(), toy, batch_size=1, lr=0.01, seed=0)
     started = threading.Event()
