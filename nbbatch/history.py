@@ -24,10 +24,15 @@ class Table:
         self._n = 0
 
     def append(self, row: Mapping[str, Any]) -> None:
-        for name in row.keys() - self._cols.keys():
-            self._cols[name] = [None] * self._n
-        for name, col in self._cols.items():
-            col.append(row.get(name))
+        cols = self._cols
+        if row.keys() == cols.keys():          # the common case, once per training step
+            for name, col in cols.items():
+                col.append(row[name])
+        else:
+            for name in row.keys() - cols.keys():
+                cols[name] = [None] * self._n
+            for name, col in cols.items():
+                col.append(row.get(name))
         self._n += 1
 
     def __len__(self) -> int:

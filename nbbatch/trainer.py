@@ -200,6 +200,7 @@ class Trainer:
         self._found_inf = torch.zeros(1, device=device)
         self._one = torch.ones(1, device=device)
         self._callbacks: dict[str, list[Callable]] = {e: [] for e in EVENTS}
+        self._reads_memory = device.type != "cpu"   # the CPU keeps no allocator statistics
 
     # ------------------------------------------------------------------ small public surface
     @property
@@ -279,18 +280,16 @@ class Trainer:
     def _train_step(self) -> dict:
         t0 = time.perf_counter()
         xb, yb = self._next_batch()                          # 1. the batch, already on the device
-        n = len(xb)
+        n = xb.shape[0]
         lr = self._schedule(self.step_count)                  # 2. the scheduled lr (pure in the step)
         if lr != self._current_lr:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self._current_lr = lr
         self.optimizer.zero_grad(set_to_none=True)
-        k = self.config.accumulate
-        if k > 1:
-            k = min(k, n)   # a short last batch may hold fewer examples than micro-batches
+        k = min(self.config.accumulate, n)                    # a short last batch may hold fewer examples
         micro = zip(xb.tensor_split(k), yb.tensor_split(k)) if k > 1 else ((xb, yb),)
-        loss_sum = None
+        total = None
         for xm, ym in micro:                                  # 3. forward + backward per micro-batch
             with self._autocast:
                 loss = self.loss_fn(self.model(xm), ym)
@@ -298,14 +297,12 @@ class Trainer:
                 # Each micro-batch loss is a mean over its m examples; weighting it by m/n makes the
                 # summed gradients those of the mean over all n examples, so K micro-batches give
                 # exactly the update of one batch (uneven splits included).
-                loss = loss * (len(xm) / n)
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-            else:
-                loss.backward()
-            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
-        loss_value = loss_sum.item()
-        self._refuse_nonfinite(loss_value, lr)                # 4. never apply a non-finite update
+                loss = loss * (xm.shape[0] / n)
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            total = loss if total is None else total.detach() + loss.detach()
+        loss_value, grads_finite = self._read_loss_and_check_grads(total)
+        if not (grads_finite and math.isfinite(loss_value)):  # 4. never apply a non-finite update
+            self._diverged(loss_value, lr)
         if self.config.clip_grad_norm is not None:            # 5. clip (on true, unscaled gradients)
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
@@ -320,38 +317,45 @@ class Trainer:
         self.examples_seen += n
         self.train_time += dt
         self.batch_in_epoch += 1
-        epoch_progress = self.epoch + self.batch_in_epoch / self.steps_per_epoch
-        if self.batch_in_epoch >= self.steps_per_epoch:
+        per_epoch = self._train.steps_per_epoch
+        epoch_progress = self.epoch + self.batch_in_epoch / per_epoch
+        if self.batch_in_epoch >= per_epoch:
             self._advance_epoch()
         row = {"step": self.step_count, "epoch": epoch_progress, "examples": self.examples_seen,
                "loss": loss_value, "lr": lr, "batch_size": n, "time": self.train_time,
                "examples_per_s": n / dt if dt > 0 else float("inf"),
-               "peak_memory": peak_memory_bytes(self.device) if self.device.type != "cpu" else None}
+               "peak_memory": peak_memory_bytes(self.device) if self._reads_memory else None}
         self.history.steps.append(row)
         if self._callbacks["step_end"]:
             self._trigger("step_end", row)
         return row
 
-    def _refuse_nonfinite(self, loss_value: float, lr: float) -> None:
-        bad = not math.isfinite(loss_value)
-        if not bad and self.scaler is None:
-            # One fused pass over all gradients (the check GradScaler uses): an infinite gradient
-            # with a finite loss would otherwise turn the weights into inf/nan. Under fp16 the
-            # scaler makes this check itself and skips such steps.
-            grads = [p.grad for p in self._params if p.grad is not None]
-            if grads:
-                bad = _any_nonfinite(grads, self._found_inf, self._one)
-        if bad:
-            self.optimizer.zero_grad(set_to_none=True)
-            self._batches = None   # the failed batch is not consumed: the position stays put
-            what = "loss" if not math.isfinite(loss_value) else "gradient"
-            self.history.events.append({"step": self.step_count, "event": "diverged",
-                                        "detail": f"non-finite {what} (loss={loss_value}) at lr={lr:.4g}"})
-            raise DivergenceError(
-                f"training diverged at step {self.step_count + 1}: non-finite {what} (loss={loss_value}) "
-                f"at lr={lr:.4g}. The model is left at step {self.step_count}, its last finite step. "
-                f"Try a smaller lr, a warm-up (warmup='linear'), or gradient clipping (clip_grad_norm=1.0).",
-                step=self.step_count + 1, lr=lr, loss=loss_value)
+    def _read_loss_and_check_grads(self, loss: torch.Tensor) -> tuple[float, bool]:
+        """The step's loss as a float, and whether every gradient is finite (one device sync)."""
+        if self.scaler is not None:
+            # Under fp16 the scaler checks the gradients itself and skips such steps.
+            return loss.item(), True
+        # One fused pass over all gradients (the check GradScaler uses): an infinite gradient
+        # with a finite loss would otherwise turn the weights into inf/nan. The flag is only
+        # ever set here, so it needs zeroing only after a failure.
+        _flag_nonfinite([p.grad for p in self._params if p.grad is not None], self._found_inf, self._one)
+        if self.device.type == "cpu":
+            return loss.item(), self._found_inf.item() == 0
+        value, flag = torch.cat([loss.detach().float().reshape(1), self._found_inf]).tolist()
+        return value, flag == 0
+
+    def _diverged(self, loss_value: float, lr: float) -> None:
+        self._found_inf.zero_()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._batches = None   # the failed batch is not consumed: the position stays put
+        what = "loss" if not math.isfinite(loss_value) else "gradient"
+        self.history.events.append({"step": self.step_count, "event": "diverged",
+                                    "detail": f"non-finite {what} (loss={loss_value}) at lr={lr:.4g}"})
+        raise DivergenceError(
+            f"training diverged at step {self.step_count + 1}: non-finite {what} (loss={loss_value}) "
+            f"at lr={lr:.4g}. The model is left at step {self.step_count}, its last finite step. "
+            f"Try a smaller lr, a warm-up (warmup='linear'), or gradient clipping (clip_grad_norm=1.0).",
+            step=self.step_count + 1, lr=lr, loss=loss_value)
 
     def step(self) -> dict:
         """Run exactly one optimizer step (for interactive use) and return its history row."""
@@ -402,6 +406,8 @@ class Trainer:
         try:
             self._trigger("fit_start", {})
             last_eval_step = self.history.evals["step"][-1] if len(self.history.evals) else None
+            eval_every = self.config.eval_every
+            can_eval = self._eval_data is not None
             while self.step_count < end:
                 if self._stop_requested:
                     reason = "interrupted" if self._interrupted else "stopped"
@@ -411,8 +417,8 @@ class Trainer:
                 if target is not None and target.metric == "loss" and target.reached(row["loss"]):
                     reason = "target"
                     break
-                due = (self.step_count % self.config.eval_every == 0) if self.config.eval_every else self.epoch != epoch_before
-                if due and self._eval_data is not None:
+                due = (self.step_count % eval_every == 0) if eval_every else self.epoch != epoch_before
+                if due and can_eval:
                     ev = self._record_eval()
                     last_eval_step = self.step_count
                     if target is not None and target.metric in ev and target.reached(ev[target.metric]):
@@ -682,15 +688,16 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 
 
 # ---------------------------------------------------------------------- helpers
-def _any_nonfinite(tensors: list[torch.Tensor], found: torch.Tensor, one: torch.Tensor) -> bool:
-    """True when any element of ``tensors`` is inf or nan (one fused pass where torch has it)."""
+def _flag_nonfinite(tensors: list[torch.Tensor], found: torch.Tensor, one: torch.Tensor) -> None:
+    """Set ``found`` to 1 when any element of ``tensors`` is inf or nan (one fused pass where torch has it)."""
+    if not tensors:
+        return
     try:
-        found.zero_()
         # GradScaler's own check: multiplies by 1.0 (exact) and flags any inf/nan.
         torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, one)
-        return bool(found.item())
     except (AttributeError, RuntimeError, NotImplementedError):  # older torch or another backend
-        return not all(bool(torch.isfinite(t).all()) for t in tensors)
+        if not all(bool(torch.isfinite(t).all()) for t in tensors):
+            found.fill_(1.0)
 
 
 def _grad_scaler(device: torch.device):
