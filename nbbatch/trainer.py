@@ -198,6 +198,9 @@ class Trainer:
         self._stop_requested = False
         self._interrupted = False
         self._found_inf = torch.zeros(1, device=device)
+        # On the CPU the flag is read through a NumPy view of the same memory: ops there are
+        # synchronous, and this skips a torch call in every step.
+        self._found_host = self._found_inf.numpy() if device.type == "cpu" else None
         self._one = torch.ones(1, device=device)
         self._callbacks: dict[str, list[Callable]] = {e: [] for e in EVENTS}
         self._reads_memory = device.type != "cpu"   # the CPU keeps no allocator statistics
@@ -339,8 +342,8 @@ class Trainer:
         # with a finite loss would otherwise turn the weights into inf/nan. The flag is only
         # ever set here, so it needs zeroing only after a failure.
         _flag_nonfinite([p.grad for p in self._params if p.grad is not None], self._found_inf, self._one)
-        if self.device.type == "cpu":
-            return loss.item(), self._found_inf.item() == 0
+        if self._found_host is not None:
+            return loss.item(), self._found_host[0] == 0
         value, flag = torch.cat([loss.detach().float().reshape(1), self._found_inf]).tolist()
         return value, flag == 0
 
