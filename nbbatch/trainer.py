@@ -156,6 +156,7 @@ class Trainer:
         sample = train_xy if train_xy is not None else _first_batch(data)
         _check_fit(model, loss_fn, cfg.loss, sample[0][:2], sample[1][:2],
                    all_labels=train_xy[1] if train_xy is not None else None)
+        optimizer = _build_optimizer(cfg, model.parameters())   # a bad factory fails here, before any change
 
         # ---- build --------------------------------------------------------------------------
         self.config = cfg
@@ -177,7 +178,9 @@ class Trainer:
         self._eval_cache = None
         self.loss_fn = loss_fn
         self.metrics = metrics
-        self.optimizer = _build_optimizer(cfg, self.model.parameters())
+        if any(p is not q for p, q in zip(model.parameters(), (p for g in optimizer.param_groups for p in g["params"]))):
+            optimizer = _build_optimizer(cfg, model.parameters())   # .to() replaced the parameters
+        self.optimizer = optimizer
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.scaler = _grad_scaler(device) if precision == "fp16" else None
         self._autocast = autocast_context(precision, device)

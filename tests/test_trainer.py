@@ -346,8 +346,13 @@ def test_optimizer_factories(toy):
     t = Trainer(make_mlp(), toy, optimizer=functools.partial(torch.optim.RMSprop, alpha=0.5), lr=0.01)
     assert isinstance(t.optimizer, torch.optim.RMSprop) and t.optimizer.param_groups[0]["alpha"] == 0.5
     t.fit(steps=2)
+    model = make_mlp()
+    rng = torch.get_rng_state()
     with pytest.raises(TypeError, match="not a torch.optim.Optimizer"):
-        Trainer(make_mlp(), toy, optimizer=lambda params, lr: "nope")
+        Trainer(model, toy, optimizer=lambda params, lr: "nope", seed=5)
+    assert torch.equal(torch.get_rng_state(), rng)      # failed before seeding anything
+    with pytest.raises(TypeError, match=r"accept \(params, lr=...\)"):
+        Trainer(make_mlp(), toy, optimizer=lambda params: torch.optim.SGD(params, lr=0.1))
 
 
 def test_clipping_bounds_the_update(toy):
