@@ -593,3 +593,25 @@ def test_cuda_resume_matches(toy, tmp_path):
     back.fit()
     for a, b in zip(weights(back.model), weights(full)):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("kind", ["dataset", "loader"])
+def test_resume_mid_epoch_with_dataset_and_loader_sources(toy, tmp_path, kind):
+    x, y = toy
+
+    def source():
+        if kind == "dataset":
+            return _MapDataset(x, y)
+        return DataLoader(TensorDataset(x, y), batch_size=16, shuffle=False)
+
+    opts = dict(batch_size=16, lr=0.05, optimizer="momentum", seed=3)
+    full = Trainer(make_mlp(), source(), **opts)
+    full.fit(epochs=2)
+    t = Trainer(make_mlp(), source(), **opts)
+    t.add_callback("step_end", lambda tr, row: (tr.save(tmp_path / "r.pt"), tr.request_stop()) if row["step"] == 17 else None)
+    t.fit(epochs=2)
+    back = Trainer.load(tmp_path / "r.pt", make_mlp(seed=8), source())
+    assert (back.epoch, back.batch_in_epoch) == (1, 4)
+    back.fit()
+    assert same_weights(back.model, full.model)
+    assert det_columns(back.history) == det_columns(full.history)
