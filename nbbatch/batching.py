@@ -61,6 +61,10 @@ class TensorBatches:
         self._perm_epoch = None
         self._perm = None
 
+    def whole(self):
+        """All training examples, for an evaluation pass."""
+        return self.x, self.y
+
     def permutation(self, epoch: int) -> torch.Tensor:
         if self._perm_epoch != epoch:
             perm = epoch_permutation(self.n, self.seed, epoch)
@@ -107,6 +111,9 @@ class DatasetBatches:
         self.seed = seed
         self.steps_per_epoch = num_batches(self.n, batch_size, drop_last)
 
+    def whole(self):
+        return self.dataset
+
     def batches(self, epoch: int, start: int = 0):
         order = epoch_permutation(self.n, self.seed, epoch)[start * self.batch_size:].tolist()
         loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=_ListSampler(order),
@@ -134,6 +141,9 @@ class LoaderBatches:
             raise TypeError("data: a DataLoader without a length (an iterable dataset) is not supported; "
                             "wrap the data in a map-style Dataset or pass tensors") from err
         self.batch_size = loader.batch_size
+
+    def whole(self):
+        return self.loader
 
     def batches(self, epoch: int, start: int = 0):
         for i, batch in enumerate(self.loader):

@@ -522,15 +522,15 @@ class Trainer:
         ``data`` may be ``"train"``, ``"eval"``, a pair ``(x, y)`` of tensors or a Dataset.
         The model is put in eval mode and restored afterwards; nothing is recorded.
         """
-        if data is None or data == "eval":
+        if data is None or (isinstance(data, str) and data == "eval"):
             if self._eval_data is None:
                 raise ValueError("evaluate: this trainer has no evaluation data; pass eval_data= to the Trainer "
                                  "or evaluate(data=(x, y))")
             source = self._eval_tensors()
-        elif isinstance(data, str) and data == "train":
-            source = self._train
-            source = (source.x, source.y) if isinstance(source, TensorBatches) else source.dataset if isinstance(
-                source, DatasetBatches) else source.loader
+        elif isinstance(data, str):
+            if data != "train":
+                raise ValueError(f"evaluate: data={data!r} is not known; use 'train', 'eval', (x, y) or a Dataset")
+            source = self._train.whole()
         else:
             source = data
         return self._evaluate_source(source)

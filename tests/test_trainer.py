@@ -395,6 +395,9 @@ def test_evaluate_matches_a_manual_pass_and_restores_mode(toy):
     assert result["loss"] == pytest.approx(F.cross_entropy(out, y).item(), rel=1e-5)
     assert result["accuracy"] == pytest.approx((out.argmax(1) == y).float().mean().item())
     assert t.evaluate("train") == pytest.approx(result)
+    assert t.evaluate(TensorDataset(x, y)) == pytest.approx(result)
+    with pytest.raises(ValueError, match="data='test' is not known"):
+        t.evaluate("test")
 
 
 def test_events_fire_in_order(toy):
@@ -435,13 +438,15 @@ class _MapDataset(Dataset):
 
 def test_dataset_and_tensor_paths_give_identical_runs(toy):
     x, y = toy
-    runs = []
+    runs, evals = [], []
     for data in ((x, y), TensorDataset(x, y), _MapDataset(x, y)):
         model = make_mlp()
         t = Trainer(model, data, batch_size=32, lr=0.1, seed=7)
         t.fit(epochs=2)
         runs.append(model)
+        evals.append(t.evaluate("train"))
     assert same_weights(runs[0], runs[1]) and same_weights(runs[0], runs[2])
+    assert evals[0] == pytest.approx(evals[1]) == pytest.approx(evals[2])
     assert Trainer(make_mlp(), TensorDataset(x, y))._train.kind == "tensors"
     assert Trainer(make_mlp(), _MapDataset(x, y))._train.kind == "dataset"
 
