@@ -166,6 +166,7 @@ class Trainer:
         if cfg.seed is not None:
             torch.manual_seed(cfg.seed)
         data_seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+        before = list(model.parameters())
         self.model = model.to(device)
         if train_xy is not None:
             self._train = TensorBatches(train_xy[0], train_xy[1], device, cfg.batch_size, cfg.drop_last,
@@ -178,7 +179,7 @@ class Trainer:
         self._eval_cache = None
         self.loss_fn = loss_fn
         self.metrics = metrics
-        if any(p is not q for p, q in zip(model.parameters(), (p for g in optimizer.param_groups for p in g["params"]))):
+        if any(p is not q for p, q in zip(before, model.parameters())):
             optimizer = _build_optimizer(cfg, model.parameters())   # .to() replaced the parameters
         self.optimizer = optimizer
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
