@@ -3,7 +3,7 @@
 Importing nbbatch does no work: no device probing, no data loading, no printing.
 """
 
-from . import data, models, schedules
+from . import data, models, norms, schedules
 from .config import TrainConfig
 from .device import resolve_device, seed_everything
 from .history import History
@@ -22,6 +22,7 @@ __all__ = [
     "accuracy",
     "data",
     "models",
+    "norms",
     "resolve_device",
     "scale_lr",
     "schedules",

@@ -25,6 +25,7 @@ from .batching import DatasetBatches, LoaderBatches, TensorBatches, as_tensors
 from .config import TrainConfig
 from .device import autocast_context, peak_memory_bytes, reset_peak_memory, resolve_device, resolve_precision
 from .history import History
+from .norms import warn_accumulation_with_bn
 from .schedules import Schedule, scale_lr
 
 EVENTS = ("fit_start", "step_end", "eval_end", "fit_end")
@@ -159,6 +160,8 @@ class Trainer:
         optimizer = _build_optimizer(cfg, model.parameters())   # a bad factory fails here, before any change
 
         # ---- build --------------------------------------------------------------------------
+        # Accumulating over batch norm normalises each micro-batch on its own: say so, once.
+        warn_accumulation_with_bn(model, cfg.batch_size, cfg.accumulate, stacklevel=2)
         self.config = cfg
         self.device = device
         self.precision = precision
