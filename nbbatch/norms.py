@@ -648,8 +648,8 @@ class BNCheck:
         return f"BNCheck(ok={self.ok}, problems={len(self.problems)})"
 
 
-def check_bn(model: nn.Module, x: Optional[torch.Tensor] = None, *, max_mean_shift: float = 0.5,
-             max_var_ratio: float = 2.0) -> BNCheck:
+def check_bn(model: nn.Module, x: Optional[torch.Tensor] = None, *, max_mean_shift: float = 0.2,
+             max_var_ratio: float = 1.5) -> BNCheck:
     """Find the classic batch-norm mistakes before evaluating ``model``.
 
     Call it where you would evaluate. It reports

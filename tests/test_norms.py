@@ -378,8 +378,9 @@ def test_batch_stat_noise_errors():
 def trained_bn_model():
     model = MLP(8, (6,), 3, norm="batch")
     x = torch.randn(512, 8) * 2 + 1
-    for i in range(0, 512, 32):
-        model(x[i:i + 32])
+    for _ in range(4):                       # 64 updates: the initial 0 / 1 estimates have decayed away
+        for i in range(0, 512, 32):
+            model(x[i:i + 32])
     return model, x
 
 
