@@ -648,7 +648,7 @@ class BNCheck:
         return f"BNCheck(ok={self.ok}, problems={len(self.problems)})"
 
 
-def check_bn(model: nn.Module, x: Optional[torch.Tensor] = None, *, max_mean_shift: float = 0.2,
+def check_bn(model: nn.Module, x: Optional[torch.Tensor] = None, *, max_mean_shift: float = 0.15,
              max_var_ratio: float = 1.5) -> BNCheck:
     """Find the classic batch-norm mistakes before evaluating ``model``.
 
