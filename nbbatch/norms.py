@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 import numbers
 import warnings
 from typing import Any, Iterable, Optional
@@ -730,7 +729,7 @@ def check_bn(model: nn.Module, x: Optional[torch.Tensor] = None, *, max_mean_shi
 
 # ---------------------------------------------------------------------------------- precise BN
 def _batches_from(data: Any, batch_size: Optional[int], num_batches: int, seed: int):
-    """(iterator of input batches, how many it will give or None when unknown)."""
+    """An iterator over at most ``num_batches`` input batches (checked before anything runs)."""
     if hasattr(data, "x_train") and hasattr(data, "y_train"):   # an nbbatch DataBundle
         data = data.x_train
     if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
@@ -754,13 +753,13 @@ def _batches_from(data: Any, batch_size: Optional[int], num_batches: int, seed: 
                     given += 1
                     if given == num_batches:
                         return
-        return gen(), num_batches
+        return gen()
     if batch_size is not None:
         raise ValueError("batch_size is only used when data is a tensor; an iterable gives its own batches")
     if isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
         raise TypeError(f"data must be input tensors, a pair (x, y), a DataBundle or an iterable of batches "
                         f"(a DataLoader), got {type(data).__name__}")
-    return itertools.islice(iter(data), num_batches), None
+    return itertools.islice(iter(data), num_batches)
 
 
 def precise_bn(model: nn.Module, data: Any, *, num_batches: int = 100, batch_size: Optional[int] = None,
@@ -802,7 +801,7 @@ def precise_bn(model: nn.Module, data: Any, *, num_batches: int = 100, batch_siz
     if not layers:
         raise ValueError("model's batch-norm layers keep no running statistics (track_running_stats=False)")
     num_batches = _check_int("num_batches", num_batches, 1)
-    batches, _ = _batches_from(data, batch_size, num_batches, seed)
+    batches = _batches_from(data, batch_size, num_batches, seed)
     device = _model_device(model)
     saved = _snapshot(layers)
     momenta = [layer.momentum for _, layer in layers]
