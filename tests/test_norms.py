@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import requires_cuda
 from nbbatch import Trainer
 from nbbatch.data import DataBundle
 from nbbatch.models import CNN1d, MLP, make_norm
@@ -549,3 +550,18 @@ def test_bn_layers_lists_ghost_and_plain():
     model = nn.Sequential(nn.BatchNorm1d(3), GhostBatchNorm1d(3, 2), nn.GroupNorm(1, 3), make_norm("layer", 3))
     assert [n for n, _ in bn_layers(model)] == ["0", "1"]
     assert [n for n, _ in norm_layers(model)] == ["0", "1", "2", "3"]
+
+
+@requires_cuda
+def test_ghost_convert_and_precise_bn_on_cuda():
+    ghost, bn = GhostBatchNorm2d(4, 8).cuda(), nn.BatchNorm2d(4).cuda()
+    x = torch.randn(32, 4, 5, 5, device="cuda")
+    torch.testing.assert_close(ghost(x), torch.cat([bn(c) for c in x.split(8)]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ghost.running_mean, bn.running_mean)
+    model = convert_norm(MLP(8, (6,), 3, norm="batch").cuda(), "ghost", virtual_batch_size=4)
+    assert model[2].weight.device.type == "cuda" and model[2].running_mean.device.type == "cuda"
+    x = torch.randn(64, 8)                                      # CPU data, CUDA model
+    precise_bn(model, x, batch_size=64, num_batches=1)
+    h = model[1](x.cuda()).detach()
+    torch.testing.assert_close(model[2].running_mean, torch.stack([c.mean(0) for c in h.split(4)]).mean(0))
+    assert check_bn(model.eval(), x).ok
