@@ -565,3 +565,18 @@ def test_ghost_convert_and_precise_bn_on_cuda():
     h = model[1](x.cuda()).detach()
     torch.testing.assert_close(model[2].running_mean, torch.stack([c.mean(0) for c in h.split(4)]).mean(0))
     assert check_bn(model.eval(), x).ok
+
+
+def test_ghost_agrees_with_the_benchmarks_vectorised_versions():
+    # bench/bench_norms.py times two vectorised ghost BNs (one reduction over (k, v, C), and one
+    # fused batch_norm over (v, k*C) with the running estimates in closed form); they are a second,
+    # independent reference for GhostBatchNorm1d, and the timing is void unless they agree.
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_norms.py"
+    spec = importlib.util.spec_from_file_location("bench_norms", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for cls in (bench.VectorGhostBatchNorm1d, bench.FusedGhostBatchNorm1d):
+        assert bench.check_vector_ghost(cls, 16, 128) < 1e-5
