@@ -331,7 +331,8 @@ def convert_norm(model: nn.Module, to: str, *, virtual_batch_size: int = 32, gro
     they are a scale and shift of a normalised value in all these layers. Running statistics
     carry over only between batch and ghost batch norm, which estimate the same thing; a new
     BatchNorm from group or layer norm starts with fresh statistics. Everything is checked and
-    built before the model is touched.
+    built before the model is touched. The new layers hold new parameter tensors: convert before
+    building an optimizer (or a Trainer) over the model.
 
     Args:
         model: The model (or a single norm layer).
