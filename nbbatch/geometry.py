@@ -252,10 +252,11 @@ def sharpness(model: nn.Module, data, loss_fn: Callable = F.cross_entropy, *, ep
 
 # ---------------------------------------------------------------------- interpolation
 def _state_of(weights, name: str) -> dict:
+    # Copies: the vessel model may be w1 or w2 itself (or share its tensors), and is overwritten below.
     if isinstance(weights, nn.Module):
-        return {k: v.detach() for k, v in weights.state_dict().items()}
+        weights = weights.state_dict()
     if isinstance(weights, Mapping):
-        return dict(weights)
+        return {k: torch.as_tensor(v).detach().clone() for k, v in weights.items()}
     raise TypeError(f"{name} must be an nn.Module or a state_dict, got {type(weights).__name__}")
 
 
@@ -349,8 +350,8 @@ def distance_from(model: nn.Module, reference) -> float:
     ref = list(reference.parameters()) if isinstance(reference, nn.Module) else list(reference)
     if len(ref) != len(params) or any(p.shape != r.shape for p, r in zip(params, ref)):
         raise ValueError("reference does not match the model's parameters (count or shapes differ)")
-    total = sum(float(((p - r.to(p.device)) ** 2).sum()) for p, r in zip(params, ref))
-    return math.sqrt(total)
+    diffs = torch._foreach_sub([p.detach() for p in params], [r.to(p.device) for p, r in zip(params, ref)])
+    return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(diffs))))   # one sync
 
 
 class DistanceFromInit:

@@ -37,12 +37,6 @@ def _check(name: str, value, low: float, high: float = math.inf, *, low_open: bo
         raise ValueError(f"{name} must be a number in {lo}{low}, {high}{hi}, got {value!r}")
 
 
-def _trust_ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
-    """``numerator / denominator``, or 1 where either is 0 (a fresh zero layer, a zero gradient)."""
-    return torch.where((numerator > 0) & (denominator > 0), numerator / denominator,
-                       torch.ones_like(numerator))
-
-
 class LARS(torch.optim.Optimizer):
     """Layer-wise Adaptive Rate Scaling (You et al. 2017), with momentum.
 
@@ -93,28 +87,37 @@ class LARS(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if group["adapt"]:
-                    w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
-                    ratio = torch.where((w_norm > 0) & (g_norm > 0),
-                                        group["trust_coefficient"] * w_norm / (g_norm + wd * w_norm + group["eps"]),
-                                        torch.ones_like(w_norm))
-                else:
-                    ratio = None
-                d = g.add(p, alpha=wd) if wd != 0 else g.clone()
-                d.mul_(lr if ratio is None else ratio * lr)        # the paper's local lr * (g + beta w)
-                if mom != 0:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            # Multi-tensor (foreach) kernels, as torch.optim.SGD uses: one call for all layers.
+            d = torch._foreach_add(grads, params, alpha=wd) if wd != 0 else torch._foreach_mul(grads, 1.0)
+            if group["adapt"]:
+                w_norm = torch.stack(torch._foreach_norm(params))      # (layers,)
+                g_norm = torch.stack(torch._foreach_norm(grads))
+                ratio = torch.where((w_norm > 0) & (g_norm > 0),
+                                    group["trust_coefficient"] * w_norm / (g_norm + wd * w_norm + group["eps"]),
+                                    torch.ones_like(w_norm))
+                torch._foreach_mul_(d, (ratio * lr).to(d[0].dtype).unbind())   # the paper's local lr * (g + beta w)
+            else:
+                torch._foreach_mul_(d, lr)
+            if mom != 0:
+                bufs, fresh = [], []
+                for p, dp in zip(params, d):
                     state = self.state[p]
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        state["momentum_buffer"] = buf = d
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = dp           # v_1 = local lr * direction
+                        fresh.append(dp)
                     else:
-                        buf.mul_(mom).add_(d)
-                    d = buf
-                p.sub_(d)
+                        bufs.append(state["momentum_buffer"])
+                        fresh.append(None)
+                if bufs:
+                    old = [dp for dp, f in zip(d, fresh) if f is None]
+                    torch._foreach_mul_(bufs, mom)
+                    torch._foreach_add_(bufs, old)
+                d = [self.state[p]["momentum_buffer"] for p in params]
+            torch._foreach_sub_(params, d)
         return loss
 
 
@@ -177,35 +180,45 @@ class LAMB(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            for p in params:
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
                 state["step"] += 1
-                t = state["step"]
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.mul_(beta1).add_(g, alpha=1 - beta1)
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                if group["bias_correction"]:
-                    m_hat, v_hat = m / (1 - beta1 ** t), v / (1 - beta2 ** t)
-                else:
-                    m_hat, v_hat = m, v
-                u = m_hat / (v_hat.sqrt() + group["eps"])
-                if group["weight_decay"] != 0:
-                    u.add_(p, alpha=group["weight_decay"])
-                if group["adapt"]:
-                    w_norm = torch.linalg.vector_norm(p)
-                    if group["max_trust"] is not None:
-                        w_norm = w_norm.clamp(max=group["max_trust"])
-                    ratio = _trust_ratio(w_norm, torch.linalg.vector_norm(u))
-                    p.sub_(u * (ratio * group["lr"]))
-                else:
-                    p.sub_(u, alpha=group["lr"])
+            states = [self.state[p] for p in params]
+            m = [st["exp_avg"] for st in states]
+            v = [st["exp_avg_sq"] for st in states]
+            # Multi-tensor (foreach) kernels, as torch.optim.Adam uses.
+            torch._foreach_mul_(m, beta1)
+            torch._foreach_add_(m, grads, alpha=1 - beta1)
+            torch._foreach_mul_(v, beta2)
+            torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+            # r = (m / bc1) / (sqrt(v / bc2) + eps), computed as (m / (sqrt(v) / sqrt(bc2) + eps)) / bc1
+            # to allocate two temporaries instead of four (as torch.optim.Adam does).
+            denom = torch._foreach_sqrt(v)
+            if group["bias_correction"]:
+                torch._foreach_div_(denom, [math.sqrt(1 - beta2 ** st["step"]) for st in states])
+            torch._foreach_add_(denom, group["eps"])
+            u = torch._foreach_div(m, denom)                         # the Adam direction r
+            if group["bias_correction"]:
+                torch._foreach_div_(u, [1 - beta1 ** st["step"] for st in states])
+            if group["weight_decay"] != 0:
+                torch._foreach_add_(u, params, alpha=group["weight_decay"])
+            if group["adapt"]:
+                w_norm = torch.stack(torch._foreach_norm(params))  # (layers,)
+                u_norm = torch.stack(torch._foreach_norm(u))
+                phi = w_norm if group["max_trust"] is None else w_norm.clamp(max=group["max_trust"])
+                ratio = torch.where((w_norm > 0) & (u_norm > 0), phi / u_norm, torch.ones_like(w_norm))
+                torch._foreach_mul_(u, (ratio * group["lr"]).to(u[0].dtype).unbind())
+            else:
+                torch._foreach_mul_(u, group["lr"])
+            torch._foreach_sub_(params, u)
         return loss
 
 

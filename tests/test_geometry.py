@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from helpers import make_mlp, same_weights
+from helpers import make_mlp, requires_cuda, same_weights
 from nbbatch import Trainer
 from nbbatch.geometry import DistanceFromInit, distance_from, hessian_top_eigenvalue, interpolate, sharpness
 
@@ -165,6 +165,16 @@ def test_interpolation_of_a_classifier_reports_accuracy_and_uses_the_bundle_test
     assert r["test_accuracy"][i1] == pytest.approx((out.argmax(1) == d.y_test).float().mean().item())
 
 
+def test_interpolation_may_use_one_of_the_two_models_as_the_vessel():
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(40, 8, generator=g), torch.randint(0, 3, (40,), generator=g)
+    m1, m2 = make_mlp(seed=1), make_mlp(seed=2)
+    expected = interpolate(make_mlp(), m1, m2, (x, y), alphas=[-0.5, 0.0, 0.7, 1.0])
+    before = copy.deepcopy(m2)
+    assert interpolate(m2, m1, m2, (x, y), alphas=[-0.5, 0.0, 0.7, 1.0]) == expected
+    assert same_weights(m2, before)
+
+
 def test_interpolation_rejects_mismatched_weights_and_empty_alphas():
     x, y = torch.randn(10, 8), torch.randint(0, 3, (10,))
     with pytest.raises(ValueError, match="w2"):
@@ -240,3 +250,19 @@ def test_bad_data_and_model():
         sharpness("net", (torch.randn(10, 8), torch.zeros(10, dtype=torch.long)))
     with pytest.raises(ValueError, match="parameters"):
         sharpness(nn.ReLU(), (torch.randn(10, 8), torch.zeros(10, dtype=torch.long)))
+
+
+@requires_cuda
+def test_cuda_geometry_matches_the_cpu():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    gpu = copy.deepcopy(model).cuda()
+    lam_cpu = hessian_top_eigenvalue(model, (x, y), tol=1e-8, iters=300)
+    lam_gpu = hessian_top_eigenvalue(gpu, (x, y), tol=1e-8, iters=300)
+    assert lam_gpu == pytest.approx(lam_cpu, rel=1e-3)
+    s_cpu, s_gpu = sharpness(model, (x, y), eps=1e-2), sharpness(gpu, (x, y), eps=1e-2)
+    assert s_gpu["loss"] == pytest.approx(s_cpu["loss"], rel=1e-4)
+    assert distance_from(gpu, model) == pytest.approx(0.0, abs=1e-6)
+    r = interpolate(gpu, model, gpu, (x, y), alphas=[0.0, 1.0])
+    assert r["train_loss"][0] == pytest.approx(r["train_loss"][1], rel=1e-4)

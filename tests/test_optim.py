@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import make_mlp
+from helpers import make_mlp, requires_cuda
 from nbbatch import Trainer
 from nbbatch.batching import epoch_permutation
 from nbbatch.optim import LAMB, LARS, add_gradient_noise, gradient_noise_std
@@ -300,3 +300,29 @@ def test_bad_noise_and_optimizer_options_are_refused_before_any_change(toy, opti
     with pytest.raises(ValueError, match=match):
         Trainer(model, toy, batch_size=32, **options)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+# ---------------------------------------------------------------------------- GPU
+@requires_cuda
+@pytest.mark.parametrize("cls,kwargs", [(LARS, {"lr": 0.5, "weight_decay": 1e-3}), (LAMB, {"lr": 0.01, "weight_decay": 0.01})])
+def test_cuda_steps_match_the_cpu(cls, kwargs):
+    cpu = make_mlp()
+    gpu = copy.deepcopy(cpu).cuda()
+    opts = cls(cpu.parameters(), **kwargs), cls(gpu.parameters(), **kwargs)
+    x, y = torch.randn(32, 8, generator=torch.Generator().manual_seed(1)), torch.arange(32) % 3
+    for _ in range(3):
+        for m, o, dev in ((cpu, opts[0], "cpu"), (gpu, opts[1], "cuda")):
+            o.zero_grad()
+            F.cross_entropy(m(x.to(dev)), y.to(dev)).backward()
+            o.step()
+    for p, q in zip(cpu.parameters(), gpu.parameters()):
+        torch.testing.assert_close(p, q.cpu(), rtol=1e-4, atol=1e-5)
+
+
+@requires_cuda
+def test_cuda_trainer_with_gradient_noise_trains(toy):
+    x, y = toy
+    t = Trainer(make_mlp(), (x, y), batch_size=32, lr=0.01, optimizer="lamb", grad_noise=0.01, device="cuda",
+                precision="fp32", seed=0)
+    t.fit(epochs=3)
+    assert t.history.steps["loss"][-1] < t.history.steps["loss"][0]
