@@ -7,7 +7,8 @@ once, in an order rotated by one place per repetition), medians over repetitions
   ``torch.optim.SGD(momentum=0.9)`` and LAMB against ``torch.optim.Adam`` (torch's defaults, which
   use its multi-tensor ``foreach`` kernels); for two model sizes.
 * a whole Trainer step (``fit`` over a number of steps): ``grad_noise=0.01`` and a
-  ``DistanceFromInit`` recorder against the plain Trainer (SGD with momentum).
+  ``DistanceFromInit`` recorder against the plain Trainer (SGD with momentum);
+  ``optimizer="lars"`` against it, and ``optimizer="lamb"`` against ``optimizer="adam"``.
 
 Run:  .venv/bin/python bench/bench_optim.py [--repeats 7] [--threads 1] [--quick]
 """
@@ -94,9 +95,11 @@ def trainer_steps(repeats: int, steps: int, batch: int) -> None:
     model0 = models.MLP()
 
     def make(**options):
+        options = {"optimizer": "momentum", "lr": 0.05, **options}
+
         def run():
-            t = Trainer(copy.deepcopy(model0), (d.x_train, d.y_train), batch_size=batch, lr=0.05,
-                        optimizer="momentum", seed=0, device="cpu", **options)
+            t = Trainer(copy.deepcopy(model0), (d.x_train, d.y_train), batch_size=batch, seed=0, device="cpu",
+                        **options)
             t.fit(steps=steps)
         return run
 
@@ -107,11 +110,13 @@ def trainer_steps(repeats: int, steps: int, batch: int) -> None:
         t.fit(steps=steps)
 
     contenders = {"Trainer": make(), "Trainer + grad_noise": make(grad_noise=0.01),
-                  "Trainer + DistanceFromInit": with_distance}
+                  "Trainer + DistanceFromInit": with_distance, "Trainer, lars": make(optimizer="lars", lr=5.0),
+                  "Trainer, adam": make(optimizer="adam", lr=1e-3), "Trainer, lamb": make(optimizer="lamb", lr=0.01)}
     print(f"\nTrainer.fit (mnist1d MLP, batch {batch}, SGD momentum), {steps} steps x {repeats} repeats "
           f"(includes building the Trainer)")
-    report(interleaved(contenders, repeats), {"Trainer + grad_noise": "Trainer",
-                                              "Trainer + DistanceFromInit": "Trainer"}, steps, "step")
+    report(interleaved(contenders, repeats), {"Trainer + grad_noise": "Trainer", "Trainer + DistanceFromInit": "Trainer",
+                                              "Trainer, lars": "Trainer", "Trainer, lamb": "Trainer, adam"},
+           steps, "step")
 
 
 def main() -> None:
