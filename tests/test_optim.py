@@ -326,3 +326,20 @@ def test_cuda_trainer_with_gradient_noise_trains(toy):
                 precision="fp32", seed=0)
     t.fit(epochs=3)
     assert t.history.steps["loss"][-1] < t.history.steps["loss"][0]
+
+
+def test_resume_with_gradient_noise_is_exact(toy, tmp_path):
+    """The noise comes from torch's global generator, whose state the checkpoint keeps."""
+    x, y = toy
+    options = dict(batch_size=32, lr=0.1, optimizer="momentum", grad_noise=0.05, seed=3)
+    full = Trainer(make_mlp(), (x, y), **options)
+    full.fit(steps=10)
+    first = Trainer(make_mlp(), (x, y), **options)
+    first.fit(steps=4)
+    first.save(tmp_path / "ck.pt")
+    torch.manual_seed(123)                                    # disturb the global generator in between
+    resumed = Trainer.load(tmp_path / "ck.pt", make_mlp(), (x, y))
+    resumed.fit(steps=6)
+    assert resumed.history.steps["loss"] == full.history.steps["loss"]
+    for p, q in zip(resumed.model.parameters(), full.model.parameters()):
+        assert torch.equal(p, q)
