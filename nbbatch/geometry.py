@@ -357,14 +357,18 @@ def distance_from(model: nn.Module, reference) -> float:
 class DistanceFromInit:
     """Record ``|w_t - w_0|`` during training, every ``every`` optimizer steps.
 
-    Attaching snapshots the model's parameters as ``w_0`` and registers a ``step_end``
-    callback on the trainer; ``steps`` and ``distances`` grow as it trains. ``detach()``
-    stops recording. The cost is one pass over the parameters per recorded step.
+    Attaching snapshots the model's parameters as ``w_0`` (or takes ``init``) and registers a
+    ``step_end`` callback on the trainer; ``steps`` and ``distances`` grow as it trains.
+    ``detach()`` stops recording. The cost is one pass over the parameters and one host sync per
+    recorded step. The record is not part of the trainer's checkpoint: after ``Trainer.load``,
+    pass the initial weights as ``init`` to keep measuring from them.
 
     Args:
         trainer: an ``nbbatch.Trainer`` (anything with ``model``, ``step_count`` and
             ``add_callback``).
         every: record every this many steps, >= 1.
+        init: ``w_0`` as a network of the same architecture or a list of tensors in
+            ``model.parameters()`` order; default the model's weights now.
 
     Example:
         >>> from nbbatch import Trainer
@@ -376,12 +380,18 @@ class DistanceFromInit:
         ([2, 4, 6], True)
     """
 
-    def __init__(self, trainer, every: int = 1):
+    def __init__(self, trainer, every: int = 1, init=None):
         _check_positive_int("every", every)
         if not hasattr(trainer, "add_callback") or not isinstance(getattr(trainer, "model", None), nn.Module):
             raise TypeError(f"trainer must be an nbbatch Trainer, got {type(trainer).__name__}")
+        if init is None:
+            init = trainer.model
+        ref = list(init.parameters()) if isinstance(init, nn.Module) else list(init)
+        if len(ref) != len(list(trainer.model.parameters())) or any(
+                p.shape != r.shape for p, r in zip(trainer.model.parameters(), ref)):
+            raise ValueError("init does not match the model's parameters (count or shapes differ)")
         self.trainer, self.every = trainer, every
-        self.init = [p.detach().clone() for p in trainer.model.parameters()]
+        self.init = [r.detach().clone() for r in ref]
         self.steps: list[int] = []
         self.distances: list[float] = []
         trainer.add_callback("step_end", self._on_step)

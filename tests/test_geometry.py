@@ -214,6 +214,22 @@ def test_distance_is_recorded_every_k_steps_and_detach_stops_it(toy):
     assert d.steps[-1] == 12
 
 
+def test_distance_continues_from_given_init_after_a_resume(toy, tmp_path):
+    x, y = toy
+    model = make_mlp()
+    init = [p.detach().clone() for p in model.parameters()]
+    t = Trainer(model, (x, y), batch_size=20, lr=0.1, optimizer="momentum", seed=0)
+    full = DistanceFromInit(t)
+    t.fit(steps=4)
+    t.save(tmp_path / "ck.pt")
+    t.fit(steps=3)
+    resumed = Trainer.load(tmp_path / "ck.pt", make_mlp(seed=9), (x, y))
+    again = DistanceFromInit(resumed, init=init)
+    resumed.fit(steps=3)
+    assert again.steps == full.steps[4:] == [5, 6, 7]
+    assert again.distances == pytest.approx(full.distances[4:], rel=1e-6)
+
+
 def test_distance_errors():
     with pytest.raises(ValueError, match="reference"):
         distance_from(make_mlp(), make_mlp(hidden=4))
@@ -221,6 +237,10 @@ def test_distance_errors():
         DistanceFromInit(object(), every=0)
     with pytest.raises(TypeError, match="trainer"):
         DistanceFromInit(object())
+    t = Trainer(make_mlp(), (torch.randn(10, 8), torch.zeros(10, dtype=torch.long)), batch_size=5)
+    with pytest.raises(ValueError, match="init"):
+        DistanceFromInit(t, init=make_mlp(hidden=4))
+    assert t._callbacks["step_end"] == []                       # nothing registered on failure
 
 
 # ---------------------------------------------------------------------------- bad input
