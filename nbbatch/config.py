@@ -42,7 +42,7 @@ class TrainConfig:
             ``"lamb"`` (``nbbatch.optim``; LARS uses trust coefficient 0.001, so its lr is large), or a
             factory called as ``factory(params, lr=lr)`` (a torch optimizer class or a partial).
         momentum: momentum of the SGD family and LARS (default 0 for ``"sgd"``, 0.9 for the others).
-        weight_decay: L2 penalty (decoupled for ``"adamw"``).
+        weight_decay: L2 penalty (decoupled for ``"adamw"`` and ``"lamb"``).
         betas, eps: Adam/AdamW hyperparameters.
         scale_rule: ``"none"``, ``"linear"`` or ``"sqrt"``: how ``lr`` follows ``batch_size``
             relative to ``base_batch_size``.
@@ -206,7 +206,7 @@ class TrainConfig:
     # ------------------------------------------------------------------ derived values
     @property
     def momentum_value(self) -> float:
-        """The momentum actually used: the given value, else 0 for sgd/adam and 0.9 for momentum/nesterov."""
+        """The momentum actually used: the given value, else 0 for sgd/adam and 0.9 for momentum/nesterov/lars."""
         if self.momentum is not None:
             return float(self.momentum)
         return 0.9 if self.optimizer in ("momentum", "nesterov", "lars") else 0.0
