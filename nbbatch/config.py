@@ -71,7 +71,7 @@ class TrainConfig:
         data_on_device: keep in-memory datasets on the training device (False: keep them on
             the host, pinned, and copy each batch without blocking).
         grad_noise: eta of gradient-noise injection (Neelakantan et al. 2015): N(0, eta/(1+t)^gamma)
-            is added to every gradient at step t; 0 (default) turns it off.
+            is added to every gradient (after clipping) at step t; 0 (default) turns it off.
         grad_noise_gamma: gamma of that decay (0.55 in the paper).
 
     Example:
