@@ -29,3 +29,8 @@ __all__ = [
     "seed_everything",
     "__version__",
 ]
+
+from . import geometry, optim  # noqa: E402  (large-batch optimizers; loss-surface geometry)
+from .optim import LAMB, LARS  # noqa: E402
+
+__all__ += ["LAMB", "LARS", "geometry", "optim"]

@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Union
 from .device import PRECISIONS
 from .schedules import DECAYS, SCALE_RULES, WARMUPS
 
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "lars", "lamb")
 LOSSES = ("cross_entropy", "mse")
 
 OptimizerSpec = Union[str, Callable[..., Any]]
@@ -38,10 +38,11 @@ class TrainConfig:
         batch_size: examples per optimizer step (the batch the science is about), across all
             micro-batches of an accumulated step.
         lr: learning rate at ``base_batch_size`` (the peak after warm-up); scaled by ``scale_rule``.
-        optimizer: ``"sgd"``, ``"momentum"``, ``"nesterov"``, ``"adam"``, ``"adamw"``, or a
+        optimizer: ``"sgd"``, ``"momentum"``, ``"nesterov"``, ``"adam"``, ``"adamw"``, ``"lars"``,
+            ``"lamb"`` (``nbbatch.optim``; LARS uses trust coefficient 0.001, so its lr is large), or a
             factory called as ``factory(params, lr=lr)`` (a torch optimizer class or a partial).
-        momentum: momentum of the SGD family (default 0 for ``"sgd"``, 0.9 for the others).
-        weight_decay: L2 penalty (decoupled for ``"adamw"``).
+        momentum: momentum of the SGD family and LARS (default 0 for ``"sgd"``, 0.9 for the others).
+        weight_decay: L2 penalty (decoupled for ``"adamw"`` and ``"lamb"``).
         betas, eps: Adam/AdamW hyperparameters.
         scale_rule: ``"none"``, ``"linear"`` or ``"sqrt"``: how ``lr`` follows ``batch_size``
             relative to ``base_batch_size``.
@@ -69,6 +70,9 @@ class TrainConfig:
         eval_batch_size: batch size of evaluation passes (memory only, results do not depend on it).
         data_on_device: keep in-memory datasets on the training device (False: keep them on
             the host, pinned, and copy each batch without blocking).
+        grad_noise: eta of gradient-noise injection (Neelakantan et al. 2015): N(0, eta/(1+t)^gamma)
+            is added to every gradient (after clipping) at step t; 0 (default) turns it off.
+        grad_noise_gamma: gamma of that decay (0.55 in the paper).
 
     Example:
         >>> cfg = TrainConfig(batch_size=1024, lr=0.1, base_batch_size=256, scale_rule="linear")
@@ -107,6 +111,8 @@ class TrainConfig:
     eval_every: int | None = None
     eval_batch_size: int = 4096
     data_on_device: bool = True
+    grad_noise: float = 0.0
+    grad_noise_gamma: float = 0.55
 
     def __post_init__(self):
         self._check_positive_int("batch_size")
@@ -178,6 +184,10 @@ class TrainConfig:
             self._check_positive_int("eval_every")
         if not isinstance(self.data_on_device, bool):
             raise TypeError(f"data_on_device must be True or False, got {self.data_on_device!r}")
+        for name in ("grad_noise", "grad_noise_gamma"):
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
     def _check_positive_int(self, name: str) -> None:
         value = getattr(self, name)
@@ -196,10 +206,10 @@ class TrainConfig:
     # ------------------------------------------------------------------ derived values
     @property
     def momentum_value(self) -> float:
-        """The momentum actually used: the given value, else 0 for sgd/adam and 0.9 for momentum/nesterov."""
+        """The momentum actually used: the given value, else 0 for sgd/adam and 0.9 for momentum/nesterov/lars."""
         if self.momentum is not None:
             return float(self.momentum)
-        return 0.9 if self.optimizer in ("momentum", "nesterov") else 0.0
+        return 0.9 if self.optimizer in ("momentum", "nesterov", "lars") else 0.0
 
     def replace(self, **changes) -> "TrainConfig":
         """A copy with some fields changed, validated again."""

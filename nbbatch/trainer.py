@@ -26,6 +26,7 @@ from .config import TrainConfig
 from .device import autocast_context, peak_memory_bytes, reset_peak_memory, resolve_device, resolve_precision
 from .history import History
 from .norms import warn_accumulation_with_bn
+from .optim import LAMB, LARS, add_gradient_noise, gradient_noise_std
 from .schedules import Schedule, scale_lr
 
 EVENTS = ("fit_start", "step_end", "eval_end", "fit_end")
@@ -317,6 +318,11 @@ class Trainer:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self._params, self.config.clip_grad_norm)
+        if self.config.grad_noise > 0:                        # 5b. gradient noise N(0, eta/(1+t)^gamma)
+            if self.scaler is not None and self.config.clip_grad_norm is None:
+                self.scaler.unscale_(self.optimizer)
+            add_gradient_noise(self._params, gradient_noise_std(self.step_count, self.config.grad_noise,
+                                                                self.config.grad_noise_gamma))
         if self.scaler is not None:                           # 6. the update
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -726,6 +732,10 @@ def _build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=wd)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=wd)
+    if name == "lars":
+        return LARS(params, lr=lr, momentum=cfg.momentum_value, weight_decay=wd)
+    if name == "lamb":
+        return LAMB(params, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=wd)
     try:
         opt = name(params, lr=lr)
     except TypeError as err:
