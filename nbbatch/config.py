@@ -69,6 +69,10 @@ class TrainConfig:
         eval_batch_size: batch size of evaluation passes (memory only, results do not depend on it).
         data_on_device: keep in-memory datasets on the training device (False: keep them on
             the host, pinned, and copy each batch without blocking).
+        noise_scale_every: every this many steps, estimate the gradient noise scale from the first
+            micro-batch against the whole batch (two half-batches when ``accumulate=1``) and record
+            ``noise_grad_sq``, ``noise_trace`` and ``b_simple`` in the History (None: off).
+        noise_scale_smoothing: EMA weight of the past for the recorded ``b_simple``, in [0, 1).
 
     Example:
         >>> cfg = TrainConfig(batch_size=1024, lr=0.1, base_batch_size=256, scale_rule="linear")
@@ -107,6 +111,8 @@ class TrainConfig:
     eval_every: int | None = None
     eval_batch_size: int = 4096
     data_on_device: bool = True
+    noise_scale_every: int | None = None
+    noise_scale_smoothing: float = 0.9
 
     def __post_init__(self):
         self._check_positive_int("batch_size")
@@ -178,6 +184,10 @@ class TrainConfig:
             self._check_positive_int("eval_every")
         if not isinstance(self.data_on_device, bool):
             raise TypeError(f"data_on_device must be True or False, got {self.data_on_device!r}")
+        if self.noise_scale_every is not None:
+            self._check_positive_int("noise_scale_every")
+        if not _is_number(self.noise_scale_smoothing) or not 0.0 <= self.noise_scale_smoothing < 1.0:
+            raise ValueError(f"noise_scale_smoothing must lie in [0, 1), got {self.noise_scale_smoothing!r}")
 
     def _check_positive_int(self, name: str) -> None:
         value = getattr(self, name)
