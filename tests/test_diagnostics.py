@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 
 from nbbatch import Trainer, data
-from nbbatch.diagnostics import (NoiseScaleEMA, OnlineNoiseScale, gradient_noise_scale, noise_scale_two_batch,
+from nbbatch.diagnostics import (NoiseScaleEMA, OnlineNoiseScale, fit_critical_batch, gradient_noise_scale, lr_find,
+                                 noise_scale_two_batch, sweep,
                                  smoothed_noise_scale, squared_grad_norm, two_batch_estimate)
 from helpers import make_mlp, same_weights
 
@@ -231,3 +232,187 @@ def test_online_noise_scale_options_are_checked():
         smoothed_noise_scale(Trainer(make_mlp(), (x, y), batch_size=8).history)
     online = OnlineNoiseScale(2)
     assert online.due(0) and not online.due(1)
+
+
+# ---------------------------------------------------------------------- critical batch fit
+def test_fit_recovers_s_min_and_e_min_exactly():
+    bs = [8, 32, 128, 512, 2048]
+    fit = fit_critical_batch(bs, [40 + 12000 / b for b in bs])
+    assert fit.s_min == pytest.approx(40) and fit.e_min == pytest.approx(12000)
+    assert fit.b_crit == pytest.approx(300)
+    # at B_crit a run costs 2 S_min steps and 2 E_min examples
+    assert fit.predict_steps(fit.b_crit) == pytest.approx(2 * fit.s_min)
+    assert fit.predict_examples(fit.b_crit) == pytest.approx(2 * fit.e_min)
+    assert [fit.regime(b) for b in (50, 300, 1000)] == ["perfect scaling", "diminishing returns",
+                                                         "maximal data parallelism"]
+
+
+def test_fit_uses_relative_error_and_stays_non_negative():
+    # perfect scaling everywhere: S_min is 0 and B_crit infinite
+    fit = fit_critical_batch([16, 64, 256], [1000, 250, 62.5])
+    assert fit.s_min == pytest.approx(0, abs=1e-9) and fit.e_min == pytest.approx(16000)
+    assert fit.b_crit == math.inf
+    # no gain from larger batches: E_min is 0
+    fit = fit_critical_batch([16, 64, 256], [50, 50, 50])
+    assert fit.e_min == pytest.approx(0, abs=1e-9) and fit.s_min == pytest.approx(50)
+    # a 10% error on the smallest point moves the fit much less than on an absolute scale
+    bs = [16, 64, 256, 1024]
+    noisy = [(40 + 12000 / b) * f for b, f in zip(bs, (1.1, 1.0, 1.0, 1.0))]
+    assert fit_critical_batch(bs, noisy).s_min == pytest.approx(40, rel=0.15)
+
+
+@pytest.mark.parametrize("bs, steps, match", [
+    ([16, 64], [10], "same length"), ([16, 16], [10, 12], "two different"), ([16, 64], [10, 0], "> 0"),
+    ([16, 64], [10, math.nan], "> 0"),
+])
+def test_fit_rejects_bad_input(bs, steps, match):
+    with pytest.raises(ValueError, match=match):
+        fit_critical_batch(bs, steps)
+
+
+# ---------------------------------------------------------------------- sweep
+@pytest.fixture(scope="module")
+def teacher():
+    return data.teacher_student(n_train=1024, n_test=64, dim=8, num_classes=3, seed=0)
+
+
+def small_model():
+    return make_mlp(d_in=8, d_out=3, hidden=16)
+
+
+def test_sweep_measures_steps_to_target_per_batch_size(teacher):
+    res = sweep(small_model, teacher, [64, 16, 256], target=0.15, lrs=[0.1, 0.3], optimizer="momentum",
+                max_steps=500, noise_scale=True)
+    assert [r["batch_size"] for r in res.best] == [16, 64, 256]
+    assert len(res.runs) == 6
+    for row in res.best:
+        mine = [r for r in res.runs if r["batch_size"] == row["batch_size"] and r["reached"]]
+        assert row["reached"] and row["steps"] == min(r["steps"] for r in mine)
+        assert row["examples"] == row["steps"] * row["batch_size"]     # 1024 divides by every batch size
+        assert row["b_simple"] > 0
+    for run in res.runs:
+        if run["reached"]:
+            # the target was first met at the recorded step: earlier checks are above it, that one below
+            steps, values = zip(*run["curve"])
+            assert steps[-1] == run["steps"] and values[-1] <= 0.15 and all(v > 0.15 for v in values[:-1])
+    # more examples per step: fewer steps to the same loss
+    assert res.best[0]["steps"] > res.best[1]["steps"] > res.best[2]["steps"]
+    assert res.fit is not None and res.b_crit > 0 and res.b_simple > 0
+    fig = res.plot()
+    assert len(fig.axes) == 2
+    assert list(res.table().index) == [16, 64, 256]
+
+
+def test_sweep_checks_the_target_where_it_says(teacher):
+    # an independent run of the chosen lr: the full-training-set loss at the reported step meets the
+    # target, and the previous check did not
+    res = sweep(small_model, teacher, [32], target=0.8, lrs=[0.2], optimizer="momentum", max_steps=300,
+                noise_scale=False)
+    run = res.runs[0]
+    torch.manual_seed(0)
+    t = Trainer(small_model(), (teacher.x_train, teacher.y_train), batch_size=32, lr=0.2, optimizer="momentum", seed=0)
+    prev = run["curve"][-2][0]
+    t.fit(steps=prev)
+    assert t.evaluate("train")["loss"] > 0.8
+    t.fit(steps=run["steps"] - prev)
+    assert t.evaluate("train")["loss"] == pytest.approx(run["curve"][-1][1], abs=1e-6)
+
+
+def test_sweep_reports_an_unreachable_target_with_the_best_value(teacher):
+    res = sweep(small_model, teacher, [64, 128], target=0.0001, lrs=[0.05, 0.2], optimizer="momentum",
+                max_steps=20, noise_scale=False)
+    assert all(not r["reached"] and r["steps"] is None for r in res.best)
+    for row in res.best:
+        mine = [r for r in res.runs if r["batch_size"] == row["batch_size"]]
+        assert row["best"] == min(r["best"] for r in mine)
+        assert all(r["best"] == min(v for _, v in r["curve"]) for r in mine)
+    assert res.fit is None and res.b_crit is None and res.b_simple is None
+    res.plot()
+
+
+def test_sweep_with_a_scaling_rule_and_a_diverging_lr(teacher):
+    from nbbatch import models
+
+    res = sweep(lambda: models.MLP(8, (16,), 3), teacher, [16, 64], target=("accuracy", 0.7), lr=0.1,
+                scale_rule="linear", lr_factors=(1.0, 1e30), optimizer="sgd", max_steps=200, noise_scale=False)
+    assert [r["lr"] for r in res.runs] == pytest.approx([0.1, 1e29, 0.4, 4e29])
+    assert [r["diverged"] for r in res.runs] == [False, True, False, True]
+    assert all(r["lr"] in (0.1, 0.4) for r in res.best) and all(r["diverged_lrs"] == 1 for r in res.best)
+    assert res.target.mode == "max"
+
+
+def test_sweep_rejects_bad_input(teacher):
+    ok = dict(target=0.5, lrs=[0.1])
+    with pytest.raises(ValueError, match="batch_sizes is empty"):
+        sweep(small_model, teacher, [], **ok)
+    with pytest.raises(ValueError, match="lrs is empty"):
+        sweep(small_model, teacher, [16], target=0.5, lrs=[])
+    with pytest.raises(ValueError, match="larger than the training set"):
+        sweep(small_model, teacher, [16, 2048], **ok)
+    with pytest.raises(ValueError, match="duplicates"):
+        sweep(small_model, teacher, [16, 16], **ok)
+    with pytest.raises(ValueError, match="not both"):
+        sweep(small_model, teacher, [16], target=0.5, lrs=[0.1], lr=0.1)
+    with pytest.raises(ValueError, match="lrs must hold finite numbers > 0"):
+        sweep(small_model, teacher, [16], target=0.5, lrs=[0.1, -1])
+    with pytest.raises(ValueError, match="target"):
+        sweep(small_model, teacher, [16], target=None, lrs=[0.1])
+    with pytest.raises(ValueError, match="not measured"):
+        sweep(small_model, teacher, [16], target=("f1", 0.5), lrs=[0.1])
+    with pytest.raises(ValueError, match="max_steps"):
+        sweep(small_model, teacher, [16], max_steps=0, **ok)
+    with pytest.raises(ValueError, match="batch_size= is set by the sweep"):
+        sweep(small_model, teacher, [16], batch_size=3, **ok)
+    with pytest.raises(TypeError, match="model_fn"):
+        sweep(None, teacher, [16], **ok)
+
+
+# ---------------------------------------------------------------------- lr_find
+@pytest.mark.parametrize("optimizer, accumulate", [("momentum", 1), ("adam", 2)])
+def test_lr_find_leaves_model_and_optimizer_exactly_as_they_were(teacher, optimizer, accumulate):
+    def make():
+        torch.manual_seed(0)
+        return Trainer(small_model(), teacher, batch_size=32, lr=0.05, optimizer=optimizer,
+                       accumulate=accumulate, device="cpu")
+
+    probed, twin = make(), make()
+    probed.fit(steps=5)
+    twin.fit(steps=5)
+    probed.model.eval()
+    for p in probed.model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    model_before = copy.deepcopy(probed.model.state_dict())
+    opt_before = copy.deepcopy(probed.optimizer.state_dict())
+    rng_before = torch.get_rng_state()
+    res = lr_find(probed, start_lr=1e-3, end_lr=100.0, steps=60)
+    assert not probed.model.training
+    assert all(torch.equal(model_before[k], v) for k, v in probed.model.state_dict().items())
+    after = probed.optimizer.state_dict()
+    assert after["param_groups"] == opt_before["param_groups"]
+    for i, state in opt_before["state"].items():
+        assert all(torch.equal(v, after["state"][i][k]) if torch.is_tensor(v) else v == after["state"][i][k]
+                   for k, v in state.items())
+    assert all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in probed.model.parameters())
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert probed.step_count == 5 and len(probed.history.steps) == 5
+    # continuing gives bitwise the run that never saw lr_find
+    probed.model.train()
+    probed.fit(steps=10)
+    twin.fit(steps=10)
+    assert same_weights(probed.model, twin.model)
+    assert probed.history.steps["loss"] == twin.history.steps["loss"]
+    # and the range test itself did something sensible
+    assert res.stopped_early                      # lr = 100 blows the loss up
+    assert res.lrs[0] == pytest.approx(1e-3) and all(b > a for a, b in zip(res.lrs, res.lrs[1:]))
+    assert 1e-4 < res.suggested_lr < 10
+    res.plot()
+
+
+def test_lr_find_rejects_bad_input(teacher):
+    t = Trainer(small_model(), teacher, batch_size=32)
+    for kwargs, match in (({"start_lr": 0}, "start_lr"), ({"start_lr": 1.0, "end_lr": 0.5}, "end_lr=0.5"),
+                          ({"steps": 1}, "steps"), ({"smoothing": 1.0}, "smoothing"), ({"diverge": 1.0}, "diverge")):
+        with pytest.raises(ValueError, match=match):
+            lr_find(t, **kwargs)
+    with pytest.raises(TypeError, match="Trainer"):
+        lr_find(small_model())

@@ -1,0 +1,97 @@
+"""Benchmark: the cost of the online gradient-noise-scale estimate (``Trainer(noise_scale_every=N)``).
+
+Each case trains the mnist1d MLP (40-100-100-10, SGD with momentum 0.9) with the Trainer twice,
+once plain and once with the estimate on, and reports the time ratio (with / without). The two
+runs of a case are interleaved in an order that alternates per repetition, after one untimed
+warm-up of each; the ratio is the median over repetitions of the paired ratio (with min-max) and
+the ratio of medians.
+
+Cases:
+
+* ``accumulate=4``: the estimate reads the squared gradient norm after the first micro-batch and
+  after the whole batch (two fused norms and one device sync per measured step);
+* ``accumulate=1``: a measured step is split into two half-batches (two forward/backward passes of
+  B/2 instead of one of B), which costs more on a CPU where small batches are overhead-bound;
+* ``every=1`` (every step) and ``every=10``.
+
+Run:  .venv/bin/python bench/bench_noise_scale.py [--repeats 7] [--epochs 3] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import nbbatch  # noqa: E402
+from nbbatch import Trainer, data, models  # noqa: E402
+
+CASES = [  # (batch size, accumulate, every)
+    (256, 4, 1),
+    (256, 4, 10),
+    (64, 1, 1),
+    (64, 1, 10),
+    (256, 1, 10),
+]
+
+
+def run(d, batch_size, accumulate, every, epochs) -> tuple[float, "Trainer"]:
+    torch.manual_seed(0)
+    t = Trainer(models.MLP(), (d.x_train, d.y_train), batch_size=batch_size, lr=0.05, optimizer="momentum",
+                accumulate=accumulate, noise_scale_every=every, seed=0, device="cpu")
+    gc.collect()
+    t0 = time.perf_counter()
+    t.fit(epochs=epochs)
+    return time.perf_counter() - t0, t
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="3 repeats of 1 epoch")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats, args.epochs = 3, 1
+    torch.set_num_threads(args.threads)
+    d = data.mnist1d()
+    print(f"# nbbatch {nbbatch.__version__}, torch {torch.__version__}, Python {platform.python_version()}, "
+          f"{platform.machine()}, threads={torch.get_num_threads()}, cpus={os.cpu_count()}")
+    print(f"# {d.description}; MLP 40-100-100-10; {args.epochs} epochs; {args.repeats} repeats")
+    print("| batch | accumulate | every | steps | plain median s | with estimate median s | ratio of medians "
+          "| paired ratio [min-max] | b_simple (last) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+    for batch_size, accumulate, every in CASES:
+        run(d, batch_size, accumulate, None, 1)            # warm-up, untimed
+        run(d, batch_size, accumulate, every, 1)
+        plain, noisy, paired = [], [], []
+        last = None
+        for r in range(args.repeats):
+            order = (None, every) if r % 2 == 0 else (every, None)
+            times = {}
+            for e in order:
+                dt, t = run(d, batch_size, accumulate, e, args.epochs)
+                times[e] = dt
+                if e is not None:
+                    last = t
+            plain.append(times[None])
+            noisy.append(times[every])
+            paired.append(times[every] / times[None])
+        b = [v for v in last.history.steps["b_simple"] if v is not None][-1]
+        print(f"| {batch_size} | {accumulate} | {every} | {last.step_count} | {statistics.median(plain):.4f} | "
+              f"{statistics.median(noisy):.4f} | {statistics.median(noisy) / statistics.median(plain):.3f} | "
+              f"{statistics.median(paired):.3f} [{min(paired):.3f}-{max(paired):.3f}] | {b:.1f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
