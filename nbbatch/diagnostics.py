@@ -522,12 +522,12 @@ class SweepResult:
     Attributes:
         target: the ``Target`` (metric, value, mode).
         runs: one dict per (batch size, lr) run: ``batch_size, lr, reached, steps, examples,
-            best, final, diverged, curve`` (``curve``: ``[(step, value), ...]`` at the checks).
+            best, final, diverged, curve, budget`` (``curve``: ``[(step, value), ...]`` at the checks).
         best: one dict per batch size, for its best lr (fewest steps among runs that reached the
             target, else the best value seen): ``batch_size, lr, reached, steps, examples, best,
             b_simple`` (the exact noise scale at the weights where the target was reached).
         fit: ``CriticalBatchFit`` over the batch sizes that reached the target (None: fewer than 2).
-        max_steps: the step budget of each run.
+        max_steps: the step budget of each run (``budget`` in the rows: with ``max_examples``).
     """
 
     target: Any
@@ -569,8 +569,8 @@ class SweepResult:
         ax_b.loglog([r["batch_size"] for r in hit], [r["steps"] for r in hit], "o", color="C0",
                     label="measured (best lr)", zorder=3)
         if miss:
-            ax_b.loglog([r["batch_size"] for r in miss], [self.max_steps] * len(miss), "x", color="C3",
-                        label=f"not reached in {self.max_steps} steps", zorder=3)
+            ax_b.loglog([r["batch_size"] for r in miss], [r["budget"] for r in miss], "x", color="C3",
+                        label="not reached within the budget", zorder=3)
         ax_e.loglog([r["examples"] for r in hit], [r["steps"] for r in hit], "o", color="C0", label="measured", zorder=3)
         for r in hit:
             ax_e.annotate(f"B={r['batch_size']}", (r["examples"], r["steps"]), fontsize=7,
@@ -632,7 +632,7 @@ def _check_lrs(name, values) -> list[float]:
 def sweep(model_fn: Callable[[], nn.Module], data, batch_sizes: Sequence[int], *, target,
           lrs: Sequence[float] | None = None, lr: float | None = None, scale_rule: str = "linear",
           base_batch_size: int | None = None, lr_factors: Sequence[float] = (1.0,), max_steps: int = 1000,
-          eval_data=None, check_growth: float = 1.05, noise_scale: bool = True, seed: int = 0,
+          max_examples: int | None = None, eval_data=None, check_growth: float = 1.05, noise_scale: bool = True, seed: int = 0,
           progress: Callable[[dict], Any] | None = None, **train_options) -> SweepResult:
     """Steps (and examples) to reach a target at each batch size, with the best learning rate for each.
 
@@ -659,6 +659,8 @@ def sweep(model_fn: Callable[[], nn.Module], data, batch_sizes: Sequence[int], *
             ``Trainer.evaluate`` (metrics ending in "loss" are minimised, others maximised).
         lrs / lr, scale_rule, base_batch_size, lr_factors: the learning rates (see above).
         max_steps: step budget of each run.
+        max_examples: example budget of each run (None: none): a run at batch size ``B`` stops
+            after ``min(max_steps, ceil(max_examples / B))`` steps.
         eval_data: where the target is measured: None (training set), ``"test"`` (a DataBundle's
             test split) or ``(x, y)``.
         check_growth: growth factor (> 1) of the interval between target checks after step 10.
@@ -710,6 +712,9 @@ def sweep(model_fn: Callable[[], nn.Module], data, batch_sizes: Sequence[int], *
         base = batch_sizes[0] if base_batch_size is None else _check_positive_int("base_batch_size", base_batch_size)
         lr_table = {b: [scale_lr(float(lr), b, base, scale_rule) * f for f in factors] for b in batch_sizes}
     max_steps = _check_positive_int("max_steps", max_steps)
+    if max_examples is not None:
+        _check_positive_int("max_examples", max_examples)
+    budget = {b: max_steps if max_examples is None else min(max_steps, -(-max_examples // b)) for b in batch_sizes}
     if isinstance(check_growth, bool) or not isinstance(check_growth, (int, float)) or not check_growth > 1.0:
         raise ValueError(f"check_growth must be a number > 1, got {check_growth!r}")
     for name in ("batch_size", "lr", "scale_rule", "base_batch_size", "eval_every"):
@@ -723,7 +728,7 @@ def sweep(model_fn: Callable[[], nn.Module], data, batch_sizes: Sequence[int], *
         eval_xy = (data.x_test, data.y_test)
     else:
         eval_xy = _train_tensors(eval_data, "eval_data")
-    checks = set(_check_steps(max_steps, float(check_growth)))
+    checks = {b: set(_check_steps(budget[b], float(check_growth))) for b in batch_sizes}
 
     runs = []
     for b in batch_sizes:
@@ -736,12 +741,12 @@ def sweep(model_fn: Callable[[], nn.Module], data, batch_sizes: Sequence[int], *
             start = trainer.evaluate(eval_xy)
             if target.metric not in start:
                 raise ValueError(f"target metric {target.metric!r} is not measured; known: {sorted(start)}")
-            run = {"batch_size": b, "lr": lr_value, "reached": False, "steps": None, "examples": None,
+            run = {"batch_size": b, "lr": lr_value, "budget": budget[b], "reached": False, "steps": None, "examples": None,
                    "best": start[target.metric], "final": start[target.metric], "diverged": False,
                    "curve": [(0, start[target.metric])], "state": None}
             better = min if target.mode == "min" else max
 
-            def check(t, row, run=run):
+            def check(t, row, run=run, checks=checks[b]):
                 if t.step_count not in checks:
                     return
                 value = t.evaluate(eval_xy)[target.metric]
@@ -759,7 +764,7 @@ def sweep(model_fn: Callable[[], nn.Module], data, batch_sizes: Sequence[int], *
                 run.update(reached=True, steps=0, examples=0)
             else:
                 try:
-                    trainer.fit(steps=max_steps)
+                    trainer.fit(steps=budget[b])
                 except DivergenceError:
                     run["diverged"] = True
             runs.append(run)
@@ -775,7 +780,7 @@ def sweep(model_fn: Callable[[], nn.Module], data, batch_sizes: Sequence[int], *
         else:
             finite = [r for r in mine if math.isfinite(r["best"])] or mine
             pick = (min if target.mode == "min" else max)(finite, key=lambda r: r["best"])
-        row = {"batch_size": b, "lr": pick["lr"], "reached": pick["reached"], "steps": pick["steps"],
+        row = {"batch_size": b, "lr": pick["lr"], "budget": budget[b], "reached": pick["reached"], "steps": pick["steps"],
                "examples": pick["examples"], "best": pick["best"], "diverged_lrs": sum(r["diverged"] for r in mine),
                "b_simple": None}
         if noise_scale and pick["state"] is not None:

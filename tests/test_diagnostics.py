@@ -328,6 +328,11 @@ def test_sweep_reports_an_unreachable_target_with_the_best_value(teacher):
         assert all(r["best"] == min(v for _, v in r["curve"]) for r in mine)
     assert res.fit is None and res.b_crit is None and res.b_simple is None
     res.plot()
+    # an example budget caps the steps per batch size
+    res = sweep(small_model, teacher, [16, 64], target=0.0001, lrs=[0.1], max_steps=100, max_examples=1600,
+                noise_scale=False)
+    assert [r["budget"] for r in res.best] == [100, 25]
+    assert [r["curve"][-1][0] for r in res.runs] == [100, 25]
 
 
 def test_sweep_with_a_scaling_rule_and_a_diverging_lr(teacher):
@@ -361,6 +366,8 @@ def test_sweep_rejects_bad_input(teacher):
         sweep(small_model, teacher, [16], target=("f1", 0.5), lrs=[0.1])
     with pytest.raises(ValueError, match="max_steps"):
         sweep(small_model, teacher, [16], max_steps=0, **ok)
+    with pytest.raises(ValueError, match="max_examples"):
+        sweep(small_model, teacher, [16], max_examples=-5, **ok)
     with pytest.raises(ValueError, match="batch_size= is set by the sweep"):
         sweep(small_model, teacher, [16], batch_size=3, **ok)
     with pytest.raises(TypeError, match="model_fn"):
