@@ -110,6 +110,8 @@ def _add_sweep_parser(sub) -> None:
     sw.add_argument("--scale-rule", default="sqrt", choices=SCALE_RULES)
     sw.add_argument("--lr-factors", default="1,2", help="multipliers of the scaled lr tried per batch size")
     sw.add_argument("--max-steps", type=int, default=1500, help="step budget of each run")
+    sw.add_argument("--max-examples", type=int, default=150_000,
+                    help="example budget of each run (default 150000; 0: none)")
     sw.add_argument("--optimizer", default="momentum", choices=OPTIMIZERS)
     sw.add_argument("--no-noise-scale", action="store_true", help="skip measuring B_simple at the target")
     sw.add_argument("--figure", default="nbbatch_sweep.png", help="write the figure here ('' for none)")
@@ -134,8 +136,9 @@ def sweep(args: argparse.Namespace, out=sys.stdout) -> int:
     target = ("accuracy", args.target_accuracy) if args.target_accuracy is not None else ("loss", args.target_loss)
     lr_options = {"lrs": lrs} if lrs else {"lr": args.lr, "scale_rule": args.scale_rule, "lr_factors": factors}
     print(f"# {bundle.description}; model {args.model}; optimizer {args.optimizer}", file=out)
+    budget = f"{args.max_steps} steps" + (f" or {args.max_examples} examples" if args.max_examples else "")
     print(f"# target: {args.eval} {target[0]} {'<=' if target[0] == 'loss' else '>='} {target[1]:g} "
-          f"within {args.max_steps} steps", file=out)
+          f"within {budget}", file=out)
     print(f"{'batch':>6} {'lr':>8} {'reached':>7} {'steps':>6} {'examples':>9} {'best':>8}", file=out, flush=True)
 
     def progress(run):
@@ -146,7 +149,7 @@ def sweep(args: argparse.Namespace, out=sys.stdout) -> int:
               file=out, flush=True)
 
     res = run_sweep(lambda: make_model(args.model, bundle), bundle, batch_sizes, target=target,
-                    max_steps=args.max_steps, eval_data="test" if args.eval == "test" else None,
+                    max_steps=args.max_steps, max_examples=args.max_examples or None, eval_data="test" if args.eval == "test" else None,
                     noise_scale=not args.no_noise_scale, seed=args.seed, optimizer=args.optimizer,
                     progress=progress, **lr_options)
     print("\nbest learning rate per batch size:", file=out)
