@@ -436,3 +436,40 @@ def test_lr_find_rejects_bad_input(teacher):
             lr_find(t, **kwargs)
     with pytest.raises(TypeError, match="Trainer"):
         lr_find(small_model())
+
+
+def test_sweep_measures_the_target_on_the_data_it_is_given(teacher):
+    common = dict(target=0.6, lrs=[0.3], optimizer="momentum", max_steps=60, noise_scale=False)
+    on_test = sweep(small_model, teacher, [64], eval_data="test", **common).runs[0]
+    on_pair = sweep(small_model, teacher, [64], eval_data=(teacher.x_test, teacher.y_test), **common).runs[0]
+    assert on_test["curve"] == on_pair["curve"]
+    # the values are those of the test split at the recorded steps
+    torch.manual_seed(0)
+    t = Trainer(small_model(), (teacher.x_train, teacher.y_train), batch_size=64, lr=0.3, optimizer="momentum", seed=0)
+    step, value = on_test["curve"][3]
+    t.fit(steps=step)
+    assert t.evaluate((teacher.x_test, teacher.y_test))["loss"] == pytest.approx(value, abs=1e-6)
+    with pytest.raises(ValueError, match="eval_data='test'"):
+        sweep(small_model, (teacher.x_train, teacher.y_train), [64], eval_data="test", **common)
+
+
+def test_lr_find_restores_a_dataloader_run_exactly(teacher):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    def make():
+        torch.manual_seed(0)
+        loader = DataLoader(TensorDataset(teacher.x_train, teacher.y_train), batch_size=32, shuffle=True)
+        return Trainer(small_model(), loader, lr=0.05, optimizer="momentum", device="cpu")
+
+    probed, twin = make(), make()
+    torch.manual_seed(1)
+    probed.fit(steps=3)
+    torch.manual_seed(1)
+    twin.fit(steps=3)
+    rng = torch.get_rng_state()
+    lr_find(probed, steps=20)   # iterates the loader (a shuffle draws from the global RNG) and trains
+    assert torch.equal(torch.get_rng_state(), rng)
+    probed.fit(steps=40)        # crosses an epoch boundary: the next shuffle draws from the global RNG
+    torch.set_rng_state(rng)    # the twin starts its epoch from the same global state
+    twin.fit(steps=40)
+    assert same_weights(probed.model, twin.model)
