@@ -301,7 +301,7 @@ class Trainer:
         k = min(self.config.accumulate, n)                    # a short last batch may hold fewer examples
         noise_due = self._noise is not None and self._noise.due(self.step_count) and n > 1
         if noise_due and k == 1:
-            k = 2   # the noise estimate needs a smaller batch: two half-batches, the same update
+            k = 2   # the estimate needs a smaller batch: two half-batches (the same update up to rounding)
         micro = zip(xb.tensor_split(k), yb.tensor_split(k)) if k > 1 else ((xb, yb),)
         total = None
         sq_small = None
