@@ -9,6 +9,7 @@ from .device import resolve_device, seed_everything
 from .history import History
 from .schedules import Schedule, scale_lr
 from .trainer import DivergenceError, Target, Trainer, accuracy
+from . import diagnostics
 
 __version__ = "0.1.0"
 
@@ -21,6 +22,7 @@ __all__ = [
     "Trainer",
     "accuracy",
     "data",
+    "diagnostics",
     "models",
     "norms",
     "resolve_device",

@@ -73,6 +73,10 @@ class TrainConfig:
         grad_noise: eta of gradient-noise injection (Neelakantan et al. 2015): N(0, eta/(1+t)^gamma)
             is added to every gradient (after clipping) at step t; 0 (default) turns it off.
         grad_noise_gamma: gamma of that decay (0.55 in the paper).
+        noise_scale_every: every this many steps, estimate the gradient noise scale from the first
+            micro-batch against the whole batch (two half-batches when ``accumulate=1``) and record
+            ``noise_grad_sq``, ``noise_trace`` and ``b_simple`` in the History (None: off).
+        noise_scale_smoothing: EMA weight of the past for the recorded ``b_simple``, in [0, 1).
 
     Example:
         >>> cfg = TrainConfig(batch_size=1024, lr=0.1, base_batch_size=256, scale_rule="linear")
@@ -113,6 +117,8 @@ class TrainConfig:
     data_on_device: bool = True
     grad_noise: float = 0.0
     grad_noise_gamma: float = 0.55
+    noise_scale_every: int | None = None
+    noise_scale_smoothing: float = 0.9
 
     def __post_init__(self):
         self._check_positive_int("batch_size")
@@ -188,6 +194,10 @@ class TrainConfig:
             value = getattr(self, name)
             if not _is_number(value) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.noise_scale_every is not None:
+            self._check_positive_int("noise_scale_every")
+        if not _is_number(self.noise_scale_smoothing) or not 0.0 <= self.noise_scale_smoothing < 1.0:
+            raise ValueError(f"noise_scale_smoothing must lie in [0, 1), got {self.noise_scale_smoothing!r}")
 
     def _check_positive_int(self, name: str) -> None:
         value = getattr(self, name)

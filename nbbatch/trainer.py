@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from .batching import DatasetBatches, LoaderBatches, TensorBatches, as_tensors
 from .config import TrainConfig
 from .device import autocast_context, peak_memory_bytes, reset_peak_memory, resolve_device, resolve_precision
+from .diagnostics import OnlineNoiseScale, squared_grad_norm
 from .history import History
 from .norms import warn_accumulation_with_bn
 from .optim import LAMB, LARS, add_gradient_noise, gradient_noise_std
@@ -212,6 +213,9 @@ class Trainer:
         self._one = torch.ones(1, device=device)
         self._callbacks: dict[str, list[Callable]] = {e: [] for e in EVENTS}
         self._reads_memory = device.type != "cpu"   # the CPU keeps no allocator statistics
+        self._noise = None
+        if cfg.noise_scale_every is not None:
+            self._noise = OnlineNoiseScale(cfg.noise_scale_every, cfg.noise_scale_smoothing)
 
     # ------------------------------------------------------------------ small public surface
     @property
@@ -299,8 +303,12 @@ class Trainer:
             self._current_lr = lr
         self.optimizer.zero_grad(set_to_none=True)
         k = min(self.config.accumulate, n)                    # a short last batch may hold fewer examples
+        noise_due = self._noise is not None and self._noise.due(self.step_count) and n > 1
+        if noise_due and k == 1:
+            k = 2   # the estimate needs a smaller batch: two half-batches (the same update up to rounding)
         micro = zip(xb.tensor_split(k), yb.tensor_split(k)) if k > 1 else ((xb, yb),)
         total = None
+        sq_small = None
         for xm, ym in micro:                                  # 3. forward + backward per micro-batch
             with self._autocast:
                 loss = self.loss_fn(self.model(xm), ym)
@@ -311,9 +319,19 @@ class Trainer:
                 loss = loss * (xm.shape[0] / n)
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             total = loss if total is None else total.detach() + loss.detach()
+            if noise_due and sq_small is None:
+                # .grad now holds (m/n) * g_small, the first micro-batch's mean gradient, weighted
+                sq_small, b_small = squared_grad_norm(self._params) * (n / xm.shape[0]) ** 2, xm.shape[0]
         loss_value, grads_finite = self._read_loss_and_check_grads(total)
         if not (grads_finite and math.isfinite(loss_value)):  # 4. never apply a non-finite update
             self._diverged(loss_value, lr)
+        noise = self._noise.EMPTY if self._noise is not None else None
+        if noise_due:                                         # (optional) the gradient noise scale
+            sq_big = squared_grad_norm(self._params)
+            if self.scaler is not None:
+                scale2 = self.scaler.get_scale() ** 2
+                sq_small, sq_big = sq_small / scale2, sq_big / scale2
+            noise = self._noise.record(sq_small, sq_big, b_small, n)
         if self.config.clip_grad_norm is not None:            # 5. clip (on true, unscaled gradients)
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
@@ -341,6 +359,8 @@ class Trainer:
                "loss": loss_value, "lr": lr, "batch_size": n, "time": self.train_time,
                "examples_per_s": n / dt if dt > 0 else float("inf"),
                "peak_memory": peak_memory_bytes(self.device) if self._reads_memory else None}
+        if noise is not None:
+            row.update(noise)
         self.history.steps.append(row)
         if self._callbacks["step_end"]:
             self._trigger("step_end", row)
@@ -640,6 +660,8 @@ class Trainer:
         self._batches = None
         self.history = History()
         self.history.load_state_dict(state["history"])
+        if self._noise is not None:
+            self._noise.rebuild(self.history.steps)
         rng = state.get("rng") or {}
         if rng.get("torch") is not None:
             torch.set_rng_state(rng["torch"].cpu())
