@@ -3,7 +3,7 @@
 Importing nbbatch does no work: no device probing, no data loading, no printing.
 """
 
-from . import data, models, schedules
+from . import data, memory, models, schedules
 from .config import TrainConfig
 from .device import resolve_device, seed_everything
 from .history import History
@@ -21,6 +21,7 @@ __all__ = [
     "Trainer",
     "accuracy",
     "data",
+    "memory",
     "models",
     "resolve_device",
     "scale_lr",

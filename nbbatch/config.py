@@ -69,6 +69,8 @@ class TrainConfig:
         eval_batch_size: batch size of evaluation passes (memory only, results do not depend on it).
         data_on_device: keep in-memory datasets on the training device (False: keep them on
             the host, pinned, and copy each batch without blocking).
+        checkpoint_segments: activation checkpointing of an ``nn.Sequential`` model in this many
+            chunks (0: off); see ``nbbatch.memory.CheckpointedSequential``.
 
     Example:
         >>> cfg = TrainConfig(batch_size=1024, lr=0.1, base_batch_size=256, scale_rule="linear")
@@ -107,6 +109,7 @@ class TrainConfig:
     eval_every: int | None = None
     eval_batch_size: int = 4096
     data_on_device: bool = True
+    checkpoint_segments: int = 0
 
     def __post_init__(self):
         self._check_positive_int("batch_size")
@@ -178,6 +181,8 @@ class TrainConfig:
             self._check_positive_int("eval_every")
         if not isinstance(self.data_on_device, bool):
             raise TypeError(f"data_on_device must be True or False, got {self.data_on_device!r}")
+        if not _is_int(self.checkpoint_segments) or self.checkpoint_segments < 0 or self.checkpoint_segments == 1:
+            raise ValueError(f"checkpoint_segments must be 0 (off) or an int >= 2, got {self.checkpoint_segments!r}")
 
     def _check_positive_int(self, name: str) -> None:
         value = getattr(self, name)

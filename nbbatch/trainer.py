@@ -25,6 +25,7 @@ from .batching import DatasetBatches, LoaderBatches, TensorBatches, as_tensors
 from .config import TrainConfig
 from .device import autocast_context, peak_memory_bytes, reset_peak_memory, resolve_device, resolve_precision
 from .history import History
+from .memory import checkpointed
 from .schedules import Schedule, scale_lr
 
 EVENTS = ("fit_start", "step_end", "eval_end", "fit_end")
@@ -157,6 +158,7 @@ class Trainer:
         _check_fit(model, loss_fn, cfg.loss, sample[0][:2], sample[1][:2],
                    all_labels=train_xy[1] if train_xy is not None else None)
         optimizer = _build_optimizer(cfg, model.parameters())   # a bad factory fails here, before any change
+        forward = checkpointed(model, cfg.checkpoint_segments)  # the model itself, or checkpointed chunks of it
 
         # ---- build --------------------------------------------------------------------------
         self.config = cfg
@@ -168,6 +170,7 @@ class Trainer:
         data_seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
         before = list(model.parameters())
         self.model = model.to(device)
+        self._forward = forward
         if train_xy is not None:
             self._train = TensorBatches(train_xy[0], train_xy[1], device, cfg.batch_size, cfg.drop_last,
                                         data_seed, on_device=cfg.data_on_device)
@@ -299,7 +302,7 @@ class Trainer:
         total = None
         for xm, ym in micro:                                  # 3. forward + backward per micro-batch
             with self._autocast:
-                loss = self.loss_fn(self.model(xm), ym)
+                loss = self.loss_fn(self._forward(xm), ym)
             if k > 1:
                 # Each micro-batch loss is a mean over its m examples; weighting it by m/n makes the
                 # summed gradients those of the mean over all n examples, so K micro-batches give
@@ -673,6 +676,17 @@ class Trainer:
         trainer = cls(model, data, cfg, eval_data=eval_data)
         trainer.load_state_dict(state)
         return trainer
+
+    @classmethod
+    def from_plan(cls, model: nn.Module, data, plan, config: TrainConfig | None = None, *, eval_data=None,
+                  **options) -> "Trainer":
+        """A Trainer running an ``nbbatch.memory.plan(...)``: its batch, accumulation, lr and warm-up.
+
+        ``config`` and ``options`` set the other fields (optimizer, seed, ...).
+        """
+        if not hasattr(plan, "to_config"):
+            raise TypeError(f"plan must be an nbbatch.memory.Plan, got {type(plan).__name__}")
+        return cls(model, data, plan.to_config(config, **options), eval_data=eval_data)
 
     def __repr__(self) -> str:
         c = self.config
