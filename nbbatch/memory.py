@@ -469,12 +469,11 @@ def _trial(model, x, y, cfg, *, optimizer=None, steps: int = 2, timed: int = 0, 
     from .trainer import Trainer
     B = cfg.batch_size
     xb, yb = _tile(x, y, B)
-    device = next(model.parameters()).device
-    account = device.type != "cuda" if account is None else account
-    baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     trainer = Trainer(model, (xb, yb), cfg)
+    device = trainer.device
     if optimizer is not None:
         trainer.optimizer = optimizer   # the user's optimizer, so its existing state is counted
+    account = device.type != "cuda" if account is None else account
     row: dict[str, Any] = {"batch_size": B}
     # Steps before the measured one create the optimizer state (it exists from the second step on).
     for _ in range(max(steps - 1, 0)):
@@ -483,11 +482,19 @@ def _trial(model, x, y, cfg, *, optimizer=None, steps: int = 2, timed: int = 0, 
         row.update(account_step(trainer).as_dict())
         row["method"] = "accounting"
     else:
+        # The allocator's peak during one step, less what was allocated before it that is not
+        # training state (the data, the caller's other tensors), so the total is comparable with
+        # the accounting: parameters + gradients + optimizer state + everything the step allocates.
+        params = list(trainer.model.parameters())
+        state = _unique_bytes(params + list(trainer.model.buffers())) \
+            + _unique_bytes(p.grad for p in params if p.grad is not None) \
+            + _unique_bytes(_optimizer_tensors(trainer.optimizer))
         _sync(device)
+        before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         trainer.step()
         _sync(device)
-        row["total"] = int(torch.cuda.max_memory_allocated(device) - baseline)
+        row["total"] = int(torch.cuda.max_memory_allocated(device) - before + state)
         row["method"] = "allocator"
     times = []
     for _ in range(timed):
@@ -753,15 +760,16 @@ def find_max_batch_size(target, data=None, *, budget=None, margin: float = 0.05,
 
     A batch size fits when its step (forward, backward and the optimizer, at the second step so
     that the optimizer state exists) uses at most ``(1 - margin) * budget`` bytes: on CUDA the
-    allocator's peak above the memory in use before (with no out-of-memory error), on the CPU the
-    exact accounting of :func:`account_step`. An out-of-memory error is caught, its frames
+    allocator's peak during the step less what was allocated before it that is not training state
+    (with no out-of-memory error), on the CPU the exact accounting of :func:`account_step`. An out-of-memory error is caught, its frames
     cleared and the cache emptied. Model weights, gradients, optimizer state, training mode and
     RNG are restored after every trial, so the search leaves no trace.
 
     Args:
         target: a ``Trainer`` (its model, optimizer, configuration and data) or an ``nn.Module``.
         data: with a model: a DataBundle, ``(x, y)`` tensors or a TensorDataset (repeated as needed).
-        budget: bytes available; required on the CPU; on CUDA defaults to the free device memory.
+        budget: bytes available; required on the CPU; on CUDA defaults to the free device memory
+            plus the allocator's cached blocks and the training state already on the device.
         margin: safety fraction of the budget left unused (0 <= margin < 1).
         start: first batch size tried.
         limit: largest batch size considered.
@@ -809,7 +817,13 @@ def find_max_batch_size(target, data=None, *, budget=None, margin: float = 0.05,
     if budget is None:
         if device.type != "cuda":
             raise ValueError("budget: on the CPU the finder needs a byte budget, e.g. budget=2**30 (1 GiB)")
-        budget = torch.cuda.mem_get_info(device)[0]
+        # what training can use: free device memory, the allocator's cached blocks, and the
+        # training state already there (counted in every trial's total)
+        params = list(model.parameters())
+        budget = (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+                  - torch.cuda.memory_allocated(device) + _unique_bytes(params + list(model.buffers()))
+                  + _unique_bytes(p.grad for p in params if p.grad is not None)
+                  + (_unique_bytes(_optimizer_tensors(optimizer)) if optimizer is not None else 0))
     budget = _check_budget(budget)
     _make_config(base, {"accumulate": min(base.accumulate, start)}, start)   # a bad configuration fails here
     allowed = (1 - margin) * budget
