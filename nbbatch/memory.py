@@ -50,6 +50,7 @@ __all__ = [
     "checkpointed",
     "compare",
     "find_knee",
+    "fit_step_time",
     "find_max_batch_size",
     "measure",
     "plan",
@@ -543,10 +544,21 @@ class MemoryReport:
         ok = [r for r in self.rows if r.get("total") is not None and not r.get("oom")]
         return MemoryModel.fit([r["batch_size"] for r in ok], [r["total"] for r in ok])
 
-    def knee(self, min_gain: float = 1.8) -> int | None:
-        """The throughput knee of the measured curve (:func:`find_knee`)."""
+    def knee(self, min_gain: float = 1.8, method: str = "doubling") -> int | None:
+        """The throughput knee: ``"doubling"`` walks the measured points (:func:`find_knee`);
+        ``"fit"`` takes the largest measured batch size below the knee of the fitted step-time
+        line (:func:`fit_step_time`), which one noisy point does not move."""
         ok = [r for r in self.rows if r.get("examples_per_s")]
-        return find_knee([r["batch_size"] for r in ok], [r["examples_per_s"] for r in ok], min_gain=min_gain)
+        if method not in ("doubling", "fit"):
+            raise ValueError(f"method must be 'doubling' or 'fit', got {method!r}")
+        if not ok:
+            return None
+        bs = [r["batch_size"] for r in ok]
+        if method == "doubling":
+            return find_knee(bs, [r["examples_per_s"] for r in ok], min_gain=min_gain)
+        knee = fit_step_time(bs, [r["time_per_step"] for r in ok], min_gain)["knee"]
+        below = [b for b in bs if b <= knee]
+        return max(below) if below else bs[0]
 
     def __repr__(self) -> str:
         lines = [f"MemoryReport({self.label or 'measure'} on {self.device})"]
@@ -588,11 +600,18 @@ class MemoryReport:
         axes[0].set(xscale="log", yscale="log", xlabel="batch size", ylabel="examples / s", title="throughput")
         axes[1].plot(bs, [1e3 * r["time_per_step"] for r in ok], "o-")
         axes[1].set(xscale="log", yscale="log", xlabel="batch size", ylabel="ms / step", title="time per step")
-        knee = find_knee(bs, [r["examples_per_s"] for r in ok], min_gain=min_gain) if len(bs) >= 2 else None
-        if knee is not None:
-            for a in axes:
-                a.axvline(knee, color="C3", ls="--", label=f"knee B={knee}")
-            axes[0].legend()
+        if len(bs) >= 2:
+            for method, style in (("doubling", "--"), ("fit", ":")):
+                knee = self.knee(min_gain, method)
+                for a in axes:
+                    a.axvline(knee, color="C3" if method == "doubling" else "C2", ls=style,
+                              label=f"knee ({method}) B={knee}")
+            fit = fit_step_time(bs, [r["time_per_step"] for r in ok], min_gain)
+            grid = sorted(set(bs))
+            axes[1].plot(grid, [1e3 * (fit["overhead"] + fit["per_example"] * b) for b in grid], "k--", lw=0.8,
+                         label="fit: overhead + per-example")
+            axes[0].legend(fontsize=8)
+            axes[1].legend(fontsize=8)
         return axes
 
 
@@ -916,6 +935,34 @@ def find_knee(batch_sizes: Sequence[int], examples_per_s: Sequence[float], min_g
         else:
             break
     return knee
+
+
+def fit_step_time(batch_sizes: Sequence[int], time_per_step: Sequence[float], min_gain: float = 1.8) -> dict:
+    """Fit ``time(B) = overhead + per_example * B`` and the knee that line implies.
+
+    With that line a doubling from ``B`` gives ``2 (t0 + cB) / (t0 + 2cB)`` times the throughput,
+    at least ``min_gain`` while ``B <= (2 - g) t0 / ((2g - 2) c)``: the knee of the fitted curve
+    (``t0 / (8c)`` for ``g = 1.8``). Less sensitive to one noisy point than :func:`find_knee`.
+
+    Args:
+        batch_sizes: the batch sizes (at least two distinct).
+        time_per_step: seconds per step at each.
+        min_gain: as in :func:`find_knee`.
+
+    Returns:
+        ``{"overhead": t0 (s), "per_example": c (s), "knee": B (float, inf when c <= 0)}``.
+
+    Example:
+        >>> fit = fit_step_time([1, 8, 64], [0.001 + 1e-5 * b for b in (1, 8, 64)])
+        >>> round(fit["overhead"], 6), round(fit["knee"], 2)
+        (0.001, 12.5)
+    """
+    if not isinstance(min_gain, (int, float)) or not 1 < min_gain <= 2:
+        raise ValueError(f"min_gain must lie in (1, 2], got {min_gain!r}")
+    line = MemoryModel.fit(list(batch_sizes), list(time_per_step))
+    t0, c = line.fixed, line.per_example
+    knee = (2 - min_gain) * t0 / ((2 * min_gain - 2) * c) if c > 0 else float("inf")
+    return {"overhead": t0, "per_example": c, "knee": knee}
 
 
 # ====================================================================== compare

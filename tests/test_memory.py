@@ -8,7 +8,7 @@ import torch.nn as nn
 from helpers import requires_cuda, same_weights, weights
 from nbbatch import TrainConfig, Trainer
 from nbbatch.memory import (CheckpointedSequential, MemoryModel, account_step, checkpointed, compare, find_knee,
-                            find_max_batch_size, measure, plan)
+                            find_max_batch_size, fit_step_time, measure, plan)
 from nbbatch.models import MLP
 
 F32, I64 = 4, 8
@@ -310,10 +310,28 @@ def test_knee_of_known_curves():
         find_knee([1, 2], [1.0])
 
 
+def test_step_time_fit_and_its_knee():
+    bs = [1, 2, 4, 8, 16, 32, 64, 128]
+    t0, c = 2e-3, 5e-5
+    fit = fit_step_time(bs, [t0 + c * b for b in bs])
+    assert fit["overhead"] == pytest.approx(t0) and fit["per_example"] == pytest.approx(c)
+    assert fit["knee"] == pytest.approx(t0 / (8 * c))     # 5: doubling 5 -> 10 gives exactly 1.8x
+    B = fit["knee"]
+    assert 2 * (t0 + c * B) / (t0 + 2 * c * B) == pytest.approx(1.8)
+    # on the same exact curve the doubling walk reaches 8 (4 -> 8 gives 1.83x) and stops (8 -> 16: 1.71x)
+    assert find_knee(bs, [b / (t0 + c * b) for b in bs]) == 8
+    assert fit_step_time([1, 2], [1.0, 1.0])["knee"] == math.inf
+    with pytest.raises(ValueError, match="min_gain"):
+        fit_step_time(bs, [1.0] * 8, min_gain=1)
+
+
 def test_measured_throughput_has_a_knee():
     x, y = data(128)
     report = measure(MLP(40, (32,), 10), (x, y), [1, 4, 16, 64], steps=2)
     assert report.knee() in report.batch_sizes
+    assert report.knee(method="fit") in report.batch_sizes
+    with pytest.raises(ValueError, match="method"):
+        report.knee(method="elbow")
 
 
 # ---------------------------------------------------------------------------- compare
