@@ -40,6 +40,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 __all__ = [
+    "Checkpointed",
     "CheckpointedSequential",
     "Comparison",
     "FinderResult",
@@ -341,6 +342,39 @@ class CheckpointedSequential(nn.Module):
             _ = chunk(inp)
             del _
         counter.recompute = max(counter.recompute, sub.peak)
+
+
+class Checkpointed(nn.Module):
+    """Mark one block for activation checkpointing: ``Checkpointed(block)`` computes ``block(x)``
+    under ``torch.utils.checkpoint`` while gradients are enabled (only its input is kept; its
+    inside is recomputed in backward), and plainly otherwise. Use it for the blocks of a model
+    that is not an ``nn.Sequential``; it is counted by :func:`account_step` like a chunk.
+
+    Args:
+        block: the module to checkpoint (shared, not copied).
+
+    Example:
+        >>> import torch
+        >>> block = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+        >>> net = torch.nn.Sequential(Checkpointed(block), torch.nn.Linear(4, 2))
+        >>> net(torch.ones(3, 4)).shape
+        torch.Size([3, 2])
+    """
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        if not isinstance(block, nn.Module):
+            raise TypeError(f"block must be an nn.Module, got {type(block).__name__}")
+        self.block = block
+
+    def forward(self, x):
+        if not torch.is_grad_enabled():
+            return self.block(x)
+        out = checkpoint(self.block, x, use_reentrant=False, preserve_rng_state=True)
+        counter = getattr(_ACTIVE, "counter", None)
+        if counter is not None:
+            CheckpointedSequential._account(counter, self.block, x, out)
+        return out
 
 
 def check_checkpointable(model: nn.Module, segments) -> None:

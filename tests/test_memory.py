@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from helpers import requires_cuda, same_weights, weights
 from nbbatch import TrainConfig, Trainer
-from nbbatch.memory import (CheckpointedSequential, MemoryModel, account_step, checkpointed, compare, find_knee,
+from nbbatch.memory import (Checkpointed, CheckpointedSequential, MemoryModel, account_step, checkpointed, compare, find_knee,
                             find_max_batch_size, fit_step_time, measure, plan)
 from nbbatch.models import MLP
 
@@ -99,6 +99,42 @@ def test_checkpointed_gradients_equal_plain_ones():
         grads.append([p.grad.clone() for p in net.parameters()])
     for other in grads[1:]:
         assert all(torch.equal(a, b) for a, b in zip(grads[0], other))
+
+
+def test_marked_blocks_give_plain_gradients_and_are_counted():
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 16), nn.ReLU())
+
+    class Net(nn.Module):   # not an nn.Sequential: the user marks the block
+        def __init__(self, mark):
+            super().__init__()
+            self.inp, self.out = nn.Linear(8, 16), nn.Linear(16, 3)
+            self.block = Checkpointed(block) if mark else block
+
+        def forward(self, x):
+            return self.out(self.block(torch.tanh(self.inp(x))))
+
+    x, y = data(24, 8, 3)
+    plain, marked = Net(False), Net(True)
+    marked.load_state_dict(plain.state_dict(), strict=False)
+    marked.inp, marked.out = plain.inp, plain.out
+    grads = []
+    for net in (plain, marked):
+        net.zero_grad()
+        torch.manual_seed(1)
+        nn.functional.cross_entropy(net(x), y).backward()
+        grads.append([p.grad.clone() for p in net.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    B = 24
+    p_parts = account_step(Trainer(copy.deepcopy(plain), (x, y), batch_size=B))
+    m_parts = account_step(Trainer(copy.deepcopy(marked), (x, y), batch_size=B))
+    # inside the block the plain net keeps the first ReLU's output, dropout's float noise (CPU
+    # dropout multiplies by it) and dropout's output; the block output is kept by self.out anyway
+    assert p_parts.saved - m_parts.saved == B * 16 * 3 * F32
+    # marked: the block input is kept; backward's recomputation holds those three and the output
+    assert m_parts.kept == B * 16 * F32 and m_parts.recompute == B * 16 * 4 * F32
+    with pytest.raises(TypeError, match="block"):
+        Checkpointed("layer")
 
 
 def test_trainer_with_checkpointing_trains_identically(toy):
