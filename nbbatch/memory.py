@@ -808,7 +808,8 @@ class FinderResult:
 
 
 def find_max_batch_size(target, data=None, *, budget=None, margin: float = 0.05, start: int = 1,
-                        limit: int = 2**20, round_to=None, steps: int = 2, config=None, **options) -> FinderResult:
+                        limit: int = 2**20, round_to=None, steps: int = 2, strategy: str = "bisect",
+                        config=None, **options) -> FinderResult:
     """The largest batch size whose real training step fits: grow by doubling, then bisect.
 
     A batch size fits when its step (forward, backward and the optimizer, at the second step so
@@ -828,6 +829,9 @@ def find_max_batch_size(target, data=None, *, budget=None, margin: float = 0.05,
         limit: largest batch size considered.
         round_to: None, ``8`` (a multiple of 8) or ``"pow2"`` (a power of two) for the answer.
         steps: training steps per trial (>= 1; the last is measured).
+        strategy: ``"bisect"`` (grow by doubling, then bisect) or ``"model"`` (fit a line through
+            two small trials, try its prediction and the next batch, gallop from there if it was
+            off, then bisect): the same answer from fewer large trials when memory is near linear.
         config, **options: the training configuration (with a model).
 
     Example:
@@ -849,6 +853,8 @@ def find_max_batch_size(target, data=None, *, budget=None, margin: float = 0.05,
     if not _is_int(steps) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     _check_round_to(round_to)
+    if strategy not in ("bisect", "model"):
+        raise ValueError(f"strategy must be 'bisect' or 'model', got {strategy!r}")
     if isinstance(target, Trainer):
         if data is not None or config is not None or options:
             raise ValueError("with a Trainer, give no data, config or options: the trainer's own are used")
@@ -908,14 +914,10 @@ def find_max_batch_size(target, data=None, *, budget=None, margin: float = 0.05,
                                  f"(parameters, gradients, optimizer state) does not fit")
             raise ValueError(f"budget={budget} bytes: not even batch size start={start} fits "
                              f"(it needs {first.get('total', 'more than the device has')} bytes)")
-        lo, hi = start, None
-        while lo < limit:
-            b = min(2 * lo, limit)
-            if fits(b):
-                lo = b
-            else:
-                hi = b
-                break
+        if strategy == "model":
+            lo, hi = _guided_bracket(fits, trials, start, limit, allowed)
+        else:
+            lo, hi = _doubling_bracket(fits, start, limit)
         if hi is not None:
             while hi - lo > 1:
                 mid = (lo + hi) // 2
@@ -932,6 +934,50 @@ def find_max_batch_size(target, data=None, *, budget=None, margin: float = 0.05,
     if answer < 1:
         raise ValueError(f"round_to={round_to!r}: the largest fitting batch {lo} rounds down to 0")
     return FinderResult(answer, lo, trials, budget, time.perf_counter() - t0, describe_device(device))
+
+
+def _doubling_bracket(fits, lo: int, limit: int, step: int | None = None):
+    """From a fitting ``lo``, grow (doubling, or by a doubling ``step``) to the first failure."""
+    while lo < limit:
+        b = min(2 * lo if step is None else lo + step, limit)
+        if not fits(b):
+            return lo, b
+        lo = b
+        step = None if step is None else 2 * step
+    return lo, None
+
+
+def _guided_bracket(fits, trials: list, start: int, limit: int, allowed: float):
+    """Bracket the limit around the prediction of a line through two small trials.
+
+    Real steps still decide: the prediction and its neighbour are tried, then the search gallops
+    (steps doubling) up or down from there until it brackets the limit for the bisection.
+    """
+    second = min(limit, 2 * start)
+    if second == start:
+        return start, None
+    if not fits(second):
+        return start, second
+    points = [t for t in trials if t.get("total") is not None][-2:]
+    line = MemoryModel.fit([t["batch_size"] for t in points], [t["total"] for t in points])
+    if line.per_example <= 0:
+        return _doubling_bracket(fits, second, limit)
+    guess = int(min(limit, max(second, math.floor((allowed - line.fixed) / line.per_example))))
+    lo = second
+    if guess > lo:
+        if not fits(guess):          # the line was optimistic: gallop down from the guess
+            hi, step = guess, max(1, guess // 64)
+            while hi - step > lo:
+                if fits(hi - step):
+                    return hi - step, hi
+                hi, step = hi - step, 2 * step
+            return lo, hi
+        lo = guess
+    if lo >= limit:
+        return lo, None
+    if not fits(lo + 1):             # the usual end on the CPU, where the line is exact
+        return lo, lo + 1
+    return _doubling_bracket(fits, lo + 1, limit, step=max(2, lo // 64))
 
 
 # ====================================================================== throughput knee

@@ -252,12 +252,14 @@ def accounted_total(model, x, y, B, **options):
     return measure(model, (x, y), [B], steps=0, **options).rows[0]["total"]
 
 
+@pytest.mark.parametrize("strategy", ["bisect", "model"])
 @pytest.mark.parametrize("opt,accumulate", [("sgd", 1), ("adam", 1), ("momentum", 2)])
-def test_finder_gives_the_largest_batch_within_the_budget(opt, accumulate):
+def test_finder_gives_the_largest_batch_within_the_budget(opt, accumulate, strategy):
     x, y = data(64)
     model = MLP(40, (32,), 10)
     budget = 300_000
-    r = find_max_batch_size(model, (x, y), budget=budget, margin=0, optimizer=opt, accumulate=accumulate)
+    r = find_max_batch_size(model, (x, y), budget=budget, margin=0, optimizer=opt, accumulate=accumulate,
+                            strategy=strategy)
     B = r.batch_size
     assert accounted_total(model, x, y, B, optimizer=opt, accumulate=accumulate) <= budget
     assert accounted_total(model, x, y, B + 1, optimizer=opt, accumulate=accumulate) > budget
@@ -265,6 +267,33 @@ def test_finder_gives_the_largest_batch_within_the_budget(opt, accumulate):
     # the memory model from two small measurements predicts the same limit (memory is linear in B)
     fit = measure(model, (x, y), [8, 16], steps=0, optimizer=opt, accumulate=accumulate).fit()
     assert abs(fit.max_batch_size(budget) - B) <= 1 + accumulate
+
+
+def test_model_guided_search_needs_few_trials_and_recovers_from_a_wrong_line(monkeypatch):
+    x, y = data(64)
+    model = MLP(40, (32,), 10)
+    exact = find_max_batch_size(model, (x, y), budget=300_000, margin=0, strategy="model")
+    bisect = find_max_batch_size(model, (x, y), budget=300_000, margin=0)
+    assert exact.batch_size == bisect.batch_size
+    assert [t["batch_size"] for t in exact.trials][2:] == [exact.batch_size, exact.batch_size + 1]
+    assert len(exact.trials) == 4 < len(bisect.trials)
+    # A memory that bends upward (as allocator rounding can) or flattens: the prediction from the
+    # two small trials is off, and the gallop + bisection still ends at the true limit.
+    import nbbatch.memory as mem
+    real = mem._trial
+    for bend in (lambda b: 0.1 * b * b, lambda b: -0.4 * b * min(b, 2000) / 2000 * 168):
+        def bent(model, x, y, cfg, _bend=bend, **kw):
+            row = real(model, x, y, cfg, **kw)
+            row["total"] += int(_bend(cfg.batch_size))
+            return row
+        monkeypatch.setattr(mem, "_trial", bent)
+        guided = find_max_batch_size(model, (x, y), budget=300_000, margin=0, strategy="model")
+        plain = find_max_batch_size(model, (x, y), budget=300_000, margin=0)
+        assert guided.batch_size == plain.batch_size
+        fits = {t["batch_size"]: t["fits"] for t in plain.trials + guided.trials}
+        assert fits[guided.batch_size] is True and fits[guided.batch_size + 1] is False
+        assert len(guided.trials) < len(plain.trials)
+        monkeypatch.setattr(mem, "_trial", real)
 
 
 def test_finder_margin_and_rounding():
@@ -320,6 +349,8 @@ def test_finder_errors_before_any_change():
         find_max_batch_size(model, (x, y), budget=10**6, margin=1)
     with pytest.raises(ValueError, match="round_to"):
         find_max_batch_size(model, (x, y), budget=10**6, round_to=3)
+    with pytest.raises(ValueError, match="strategy"):
+        find_max_batch_size(model, (x, y), budget=10**6, strategy="halving")
     with pytest.raises(ValueError, match="precision='fp16'"):
         find_max_batch_size(model, (x, y), budget=10**6, precision="fp16")
     with pytest.raises(ValueError, match="data"):
