@@ -3,9 +3,9 @@
 Three measurements, printed as Markdown tables for ``bench/RESULTS.md``:
 
 1. **Finder time.** ``find_max_batch_size`` against byte budgets on the CPU (exact accounting),
-   side by side with the alternative it replaces: two measurements + the fitted memory model
-   (``measure([B1, B2]).fit().max_batch_size``). Reported: the answers (they must agree within one
-   example), the number of trials, median seconds of each, and their ratio.
+   both strategies (grow + bisect, model-guided) side by side with two measurements + the fitted
+   memory model (``measure([B1, B2]).fit().max_batch_size``). Reported: the answers, the number of
+   trials, median seconds of each, and the ratio of the two strategies.
 2. **Accounting overhead.** One accounted training step (``saved_tensors_hooks`` on) against a
    plain ``trainer.step()`` at the same batch size, interleaved; the median ratio.
 3. **Throughput curve.** Time per step and examples/s at B = 1 ... 1024 (median over repeats of
@@ -48,23 +48,29 @@ def model_factory():
 def finder_time(d, budgets, repeats):
     rows = []
     for budget in budgets:
-        t_find, t_model, answers = [], [], set()
-        for _ in range(repeats):   # interleaved: finder, then the model-based prediction
+        times = {"bisect": [], "model": [], "fit": []}
+        answers = set()
+        for _ in range(repeats):   # interleaved: both finder strategies, then measure + fit
             model = model_factory()
-            t0 = time.perf_counter()
-            r = find_max_batch_size(model, d, budget=budget, margin=0, **OPT)
-            t_find.append(time.perf_counter() - t0)
+            found = {}
+            for strategy in ("bisect", "model"):
+                t0 = time.perf_counter()
+                r = find_max_batch_size(model, d, budget=budget, margin=0, strategy=strategy, **OPT)
+                times[strategy].append(time.perf_counter() - t0)
+                found[strategy] = (r.batch_size, len(r.trials))
             t0 = time.perf_counter()
             predicted = measure(model, d, [32, 64], steps=0, **OPT).fit().max_batch_size(budget)
-            t_model.append(time.perf_counter() - t0)
-            answers.add((r.batch_size, predicted, len(r.trials)))
-        (found, predicted, trials), = answers   # deterministic: one answer over all repeats
-        f, m = statistics.median(t_find), statistics.median(t_model)
-        rows.append((budget, found, predicted, trials, f, m, f / m))
-    print("\n| budget | finder B | model B | trials | finder s (median) | measure+fit s | ratio | s / trial |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for budget, found, predicted, trials, f, m, ratio in rows:
-        print(f"| {budget / MiB:.0f} MiB | {found} | {predicted} | {trials} | {f:.2f} | {m:.3f} | {ratio:.1f} | {f / trials:.3f} |")
+            times["fit"].append(time.perf_counter() - t0)
+            answers.add((found["bisect"], found["model"], predicted))
+        ((b_bis, n_bis), (b_mod, n_mod), predicted), = answers   # deterministic: one answer over all repeats
+        med = {k: statistics.median(v) for k, v in times.items()}
+        rows.append((budget, b_bis, n_bis, b_mod, n_mod, predicted, med))
+    print("\n| budget | B (grow+bisect / model-guided / line) | trials (bisect / guided) | grow+bisect s | "
+          "model-guided s | measure+fit s | bisect / guided |")
+    print("|---:|---|---|---:|---:|---:|---:|")
+    for budget, b_bis, n_bis, b_mod, n_mod, predicted, med in rows:
+        print(f"| {budget / MiB:.0f} MiB | {b_bis} / {b_mod} / {predicted} | {n_bis} / {n_mod} | {med['bisect']:.2f} | "
+              f"{med['model']:.2f} | {med['fit']:.3f} | {med['bisect'] / med['model']:.1f} |")
     return rows
 
 

@@ -682,7 +682,19 @@ class Trainer:
                   **options) -> "Trainer":
         """A Trainer running an ``nbbatch.memory.plan(...)``: its batch, accumulation, lr and warm-up.
 
-        ``config`` and ``options`` set the other fields (optimizer, seed, ...).
+        Args:
+            model, data, eval_data: as for ``Trainer``.
+            plan: an ``nbbatch.memory.Plan``.
+            config, **options: the other fields (optimizer, seed, ...).
+
+        Example:
+            >>> import torch
+            >>> from nbbatch.memory import plan
+            >>> p = plan(64, max_micro_batch=16, base_lr=0.1, base_batch=32)
+            >>> x, y = torch.randn(128, 8), torch.randint(0, 3, (128,))
+            >>> t = Trainer.from_plan(torch.nn.Linear(8, 3), (x, y), p, optimizer="momentum")
+            >>> t.config.batch_size, t.config.accumulate, t.peak_lr
+            (64, 4, 0.2)
         """
         if not hasattr(plan, "to_config"):
             raise TypeError(f"plan must be an nbbatch.memory.Plan, got {type(plan).__name__}")
