@@ -408,17 +408,30 @@ def checkpointed(model: nn.Module, segments: int) -> nn.Module:
 
 # ====================================================================== measurement
 def _sample_of(data) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, y) tensors from a DataBundle, a pair of tensors, a TensorDataset or a Trainer."""
+    """(x, y) tensors from a DataBundle, tensors, a TensorDataset, a Dataset, a DataLoader or a Trainer.
+
+    Memory and speed do not depend on the values, so a Dataset or DataLoader gives one sample
+    (its first batch, or its first 256 examples) that is repeated to any batch size.
+    """
+    from torch.utils.data import DataLoader, Dataset
+    from .batching import as_tensors
+    from .trainer import Trainer
+    if isinstance(data, Trainer):
+        data = data._train.whole()
     if hasattr(data, "x_train") and hasattr(data, "y_train"):
         return data.x_train, data.y_train
-    if hasattr(data, "_train") and hasattr(data, "model"):   # a Trainer
-        return data._train.whole()
-    tensors = getattr(data, "tensors", None)
-    if tensors is not None and len(tensors) == 2:
-        return tensors[0], tensors[1]
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        return data[0], data[1]
-    raise TypeError(f"data must be a DataBundle, a pair (x, y) of tensors or a TensorDataset, got {type(data).__name__}")
+    xy = as_tensors(data)
+    if xy is not None:
+        return xy
+    if isinstance(data, DataLoader):
+        batch = next(iter(data))
+        return batch[0], batch[1]
+    if isinstance(data, Dataset) and hasattr(data, "__len__") and len(data) > 0:
+        items = [data[i] for i in range(min(len(data), 256))]
+        return (torch.stack([torch.as_tensor(it[0]) for it in items]),
+                torch.stack([torch.as_tensor(it[1]) for it in items]))
+    raise TypeError(f"data must be a DataBundle, a pair (x, y) of tensors, a Dataset or a DataLoader, "
+                    f"got {type(data).__name__}")
 
 
 def _tile(x: torch.Tensor, y: torch.Tensor, n: int):
@@ -861,7 +874,7 @@ def find_max_batch_size(target, data=None, *, budget=None, margin: float = 0.05,
         if data is not None or config is not None or options:
             raise ValueError("with a Trainer, give no data, config or options: the trainer's own are used")
         model, optimizer, base = target.model, target.optimizer, target.config
-        x, y = target._train.whole()
+        x, y = _sample_of(target)
         device = target.device
     elif isinstance(target, nn.Module):
         if data is None:
@@ -911,7 +924,9 @@ def find_max_batch_size(target, data=None, *, budget=None, margin: float = 0.05,
         if not fits(start):
             first = trials[0]
             fixed = first.get("params", 0) + first.get("grads", 0) + first.get("optimizer", 0)
-            if fixed and fixed > allowed:
+            if not fixed:   # CUDA rows carry no parts: parameters and gradients at least
+                fixed = 2 * _unique_bytes(list(model.parameters()))
+            if fixed > allowed:
                 raise ValueError(f"budget={budget} bytes is below the fixed cost of {fixed} bytes: the model alone "
                                  f"(parameters, gradients, optimizer state) does not fit")
             raise ValueError(f"budget={budget} bytes: not even batch size start={start} fits "

@@ -356,6 +356,27 @@ def test_finder_restores_trainer_state_bitwise(toy):
     assert runs[0].history.steps["loss"] == runs[1].history.steps["loss"]
 
 
+def test_finder_and_measure_take_datasets_and_loaders():
+    from torch.utils.data import DataLoader, TensorDataset
+    x, y = data(64)
+    model = MLP(40, (32,), 10)
+    ref = find_max_batch_size(model, (x, y), budget=300_000, margin=0).batch_size
+    ds = TensorDataset(x, y)
+
+    class Pairs(torch.utils.data.Dataset):   # a map-style Dataset that is not in memory as tensors
+        def __len__(self):
+            return 64
+
+        def __getitem__(self, i):
+            return x[i], y[i]
+
+    for source in (ds, DataLoader(ds, batch_size=16), Pairs()):
+        assert find_max_batch_size(model, source, budget=300_000, margin=0).batch_size == ref
+    t = Trainer(copy.deepcopy(model), DataLoader(ds, batch_size=16))
+    assert find_max_batch_size(t, budget=300_000, margin=0).batch_size == ref
+    assert measure(model, Pairs(), [8], steps=0).rows[0]["total"] == accounted_total(model, x, y, 8)
+
+
 def test_finder_errors_before_any_change():
     x, y = data(64)
     model = MLP(40, (32,), 10)
