@@ -462,10 +462,11 @@ def _is_oom(err: BaseException) -> bool:
 
 
 def _release_after_oom(err: BaseException, device: torch.device) -> None:
-    # The traceback's frames hold the step's tensors: clear them, collect, empty the cache.
+    # The traceback's frames hold the step's tensors: clear them; on CUDA also collect what
+    # reference cycles still hold and give the cached blocks back, so memory returns to its baseline.
     traceback.clear_frames(err.__traceback__)
-    gc.collect()
     if device.type == "cuda":
+        gc.collect()
         torch.cuda.empty_cache()
 
 

@@ -1,5 +1,6 @@
 import copy
 import math
+import weakref
 
 import pytest
 import torch
@@ -375,6 +376,40 @@ def test_finder_and_measure_take_datasets_and_loaders():
     t = Trainer(copy.deepcopy(model), DataLoader(ds, batch_size=16))
     assert find_max_batch_size(t, budget=300_000, margin=0).batch_size == ref
     assert measure(model, Pairs(), [8], steps=0).rows[0]["total"] == accounted_total(model, x, y, 8)
+
+
+def _oom_above(real, threshold, held):
+    """A stand-in for a trial that runs out of memory above ``threshold`` examples, from deep
+    inside a frame holding a tensor (as a real failed step holds its activations)."""
+    def trial(model, x, y, cfg, **kw):
+        if cfg.batch_size > threshold:
+            activations = torch.zeros(16, 64)
+            held.append(weakref.ref(activations))
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {cfg.batch_size} bytes")
+        return real(model, x, y, cfg, **kw)
+    return trial
+
+
+def test_out_of_memory_is_a_failed_trial_and_its_frames_are_released(toy, monkeypatch):
+    import nbbatch.memory as mem
+    x, y = toy
+    t = Trainer(MLP(8, (16,), 3), (x, y), batch_size=32, optimizer="adam", seed=0)
+    t.fit(steps=2)
+    before = copy.deepcopy(t.state_dict())
+    held = []
+    monkeypatch.setattr(mem, "_trial", _oom_above(mem._trial, 300, held))
+    for strategy in ("bisect", "model"):
+        r = find_max_batch_size(t, budget=10**9, strategy=strategy)
+        assert r.batch_size == 300
+        assert any(tr.get("oom") for tr in r.trials) and all(not tr["fits"] for tr in r.trials if tr.get("oom"))
+    # every failed step's tensors were released with its frames (nothing keeps them alive)
+    assert held and all(ref() is None for ref in held)
+    after = t.state_dict()
+    assert all(torch.equal(a, b) for a, b in zip(before["model"].values(), after["model"].values()))
+    t.fit(steps=1)   # and the trainer trains on
+    report = measure(t.model, (x, y), [100, 200, 400, 800], steps=0)
+    assert [r.get("oom", False) for r in report.rows] == [False, False, True]   # stops at the first OOM
+    assert report.fit().per_example > 0
 
 
 def test_finder_errors_before_any_change():
