@@ -25,6 +25,7 @@ trainers). Everything else is torch: ``torch.utils.checkpoint``, ``torch.autocas
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import math
@@ -282,8 +283,9 @@ class CheckpointedSequential(nn.Module):
     The activations inside a checkpointed chunk are not kept for backward; they are recomputed
     (one extra forward of the chunk) when backward reaches it (Chen et al. 2016). Only the chunk
     inputs stay alive. Gradients are those of the plain model (dropout masks are replayed with
-    the saved RNG state). Batch-norm running statistics are updated again by the recomputation.
-    Used only while gradients are enabled; evaluation runs the plain model.
+    the saved RNG state). Batch-norm running statistics are updated once, as without
+    checkpointing (the recomputation's second update is undone). Used only while gradients are
+    enabled; evaluation runs the plain model.
 
     Args:
         model: the ``nn.Sequential`` (its layers are shared, not copied).
@@ -314,7 +316,7 @@ class CheckpointedSequential(nn.Module):
             return self.model(x)
         counter = getattr(_ACTIVE, "counter", None)
         for chunk in self.chunks[:-1]:
-            out = checkpoint(chunk, x, use_reentrant=False, preserve_rng_state=True)
+            out = checkpoint(_run_once_updating(chunk), x, use_reentrant=False, preserve_rng_state=True)
             if counter is not None:
                 self._account(counter, chunk, x, out)
             x = out
@@ -337,7 +339,7 @@ class CheckpointedSequential(nn.Module):
         # forward, counted apart (RNG state kept, so the real step sees the same dropout masks).
         sub = _SavedCounter(exclude)
         devices = [x.device] if isinstance(x, torch.Tensor) and x.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), sub:
+        with torch.random.fork_rng(devices=devices), _keep_norm_stats(_norms(chunk)), sub:
             inp = x.detach().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x
             _ = chunk(inp)
             del _
@@ -370,11 +372,49 @@ class Checkpointed(nn.Module):
     def forward(self, x):
         if not torch.is_grad_enabled():
             return self.block(x)
-        out = checkpoint(self.block, x, use_reentrant=False, preserve_rng_state=True)
+        out = checkpoint(_run_once_updating(self.block), x, use_reentrant=False, preserve_rng_state=True)
         counter = getattr(_ACTIVE, "counter", None)
         if counter is not None:
             CheckpointedSequential._account(counter, self.block, x, out)
         return out
+
+
+def _norms(module: nn.Module) -> list:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
+
+
+@contextlib.contextmanager
+def _keep_norm_stats(norms: list):
+    """Run a block without moving batch-norm running statistics (restored afterwards)."""
+    kept = [[b.clone() for b in m.buffers()] for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, bufs in zip(norms, kept):
+                for b, v in zip(m.buffers(), bufs):
+                    b.copy_(v)
+
+
+def _run_once_updating(module: nn.Module):
+    """``module`` as a function for ``checkpoint``, whose second call (backward's recomputation)
+    leaves batch-norm running statistics as the first call left them.
+
+    The recomputation sees the same input in the same mode, so its outputs are those of the first
+    call; only the running buffers would move a second time (momentum applied twice).
+    """
+    norms = _norms(module)
+    if not norms:
+        return module
+    calls = [0]
+
+    def run(x):
+        calls[0] += 1
+        if calls[0] == 1:
+            return module(x)
+        with _keep_norm_stats(norms):
+            return module(x)
+    return run
 
 
 def check_checkpointable(model: nn.Module, segments) -> None:

@@ -151,6 +151,27 @@ def test_trainer_with_checkpointing_trains_identically(toy):
     assert runs[0][1] == runs[1][1]
 
 
+def test_checkpointing_updates_batch_norm_statistics_once(toy):
+    x, y = toy
+    runs = []
+    for segments in (0, 2, 3):
+        torch.manual_seed(0)
+        model = MLP(8, (16, 16, 16), 3, norm="batch")
+        t = Trainer(model, (x, y), batch_size=32, lr=0.1, optimizer="momentum", checkpoint_segments=segments, seed=2)
+        t.fit(epochs=2)
+        runs.append(model.state_dict())
+    for other in runs[1:]:
+        assert all(torch.equal(runs[0][k], other[k]) for k in runs[0])   # weights and running statistics
+    # an accounted step (which also runs each chunk once more, to count its recomputation) too
+    accounted = []
+    for segments in (0, 3):
+        torch.manual_seed(0)
+        model = MLP(8, (16, 16, 16), 3, norm="batch")
+        account_step(Trainer(model, (x, y), batch_size=32, checkpoint_segments=segments, seed=2))
+        accounted.append(model.state_dict())
+    assert all(torch.equal(accounted[0][k], accounted[1][k]) for k in accounted[0])
+
+
 def test_checkpointing_accounting_counts_boundaries_and_recompute():
     B, d, hidden, c = 32, 40, (64, 64, 64), 10
     x, y = data(B, d, c)
