@@ -1227,7 +1227,7 @@ class Plan:
         return self.summary()
 
 
-def plan(target_batch: int, budget=None, *, memory: MemoryModel | None = None, world_size: int = 1,
+def plan(target_batch: int, budget=None, *, memory: MemoryModel | MemoryReport | None = None, world_size: int = 1,
          base_lr: float = 0.1, base_batch: int | None = None, rule: str = "linear",
          warmup_epochs: float | None = None, max_micro_batch: int | None = None, round_to=None) -> Plan:
     """Plan an effective batch: the micro-batch memory allows, accumulation steps, lr and warm-up.
@@ -1241,7 +1241,7 @@ def plan(target_batch: int, budget=None, *, memory: MemoryModel | None = None, w
     Args:
         target_batch: the effective batch (examples per optimizer step, all devices together).
         budget: bytes per device (needs ``memory``).
-        memory: the fitted memory model.
+        memory: the fitted memory model (or the ``MemoryReport`` to fit it from).
         world_size: data-parallel devices (``target_batch`` must divide evenly among them).
         base_lr, base_batch: the lr tuned at batch ``base_batch`` (default ``target_batch``).
         rule: the lr scaling rule.
@@ -1272,6 +1272,10 @@ def plan(target_batch: int, budget=None, *, memory: MemoryModel | None = None, w
     if warmup_epochs is not None and (isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, (int, float))
                                       or warmup_epochs < 0):
         raise ValueError(f"warmup_epochs must be a number >= 0, got {warmup_epochs!r}")
+    if isinstance(memory, MemoryReport):
+        memory = memory.fit()
+    if memory is not None and not isinstance(memory, MemoryModel):
+        raise TypeError(f"memory must be a MemoryModel or a MemoryReport, got {type(memory).__name__}")
     per_device = target_batch // world_size
     cap = per_device
     predicted = None

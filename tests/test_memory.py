@@ -550,6 +550,11 @@ def test_plan_errors():
         plan(64, budget=10**6)
     with pytest.raises(ValueError, match="target_batch"):
         plan(0)
+    with pytest.raises(TypeError, match="memory"):
+        plan(64, budget=10**6, memory={"fixed": 1})
+    x, y = data(64)
+    report = measure(MLP(40, (16,), 10), (x, y), [8, 16], steps=0)
+    assert plan(256, budget=60_000, memory=report).max_micro_batch == report.fit().max_batch_size(60_000)
     with pytest.raises(ValueError, match="rule"):
         plan(64, rule="cubic")
     with pytest.raises(TypeError, match="plan"):
