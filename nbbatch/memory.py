@@ -9,11 +9,14 @@
   each storage counted once, at the moment the most of them are alive.
 - :class:`MemoryModel` fits ``fixed + per_example * B`` to those points; ``max_batch_size``
   answers "what fits in this budget".
-- :func:`find_max_batch_size` searches (grow, then bisect) for the largest batch whose real
-  training step fits, restoring model, optimizer and RNG state afterwards.
-- :func:`find_knee` marks where doubling the batch stops nearly doubling throughput.
+- :func:`find_max_batch_size` searches (grow then bisect, or guided by a line through two small
+  trials) for the largest batch whose real training step fits, restoring model, optimizer and
+  RNG state afterwards.
+- :func:`find_knee` and :func:`fit_step_time` mark where doubling the batch stops nearly
+  doubling throughput.
 - :func:`checkpointed` wraps an ``nn.Sequential`` for activation checkpointing
-  (``torch.utils.checkpoint``), the Trainer's ``checkpoint_segments`` option.
+  (``torch.utils.checkpoint``), the Trainer's ``checkpoint_segments`` option;
+  :class:`Checkpointed` marks single blocks of any model.
 - :func:`compare` measures configurations side by side; :func:`plan` turns a target batch and a
   budget into micro-batch, accumulation, learning rate and warm-up (``Trainer.from_plan``).
 
@@ -303,7 +306,7 @@ class CheckpointedSequential(nn.Module):
 
     def __init__(self, model: nn.Sequential, segments: int):
         super().__init__()
-        check_checkpointable(model, segments)
+        _check_checkpointable(model, segments)
         layers = list(model.children())
         size = len(layers) // segments
         # as torch.utils.checkpoint.checkpoint_sequential: equal chunks, the remainder in the last
@@ -417,7 +420,7 @@ def _run_once_updating(module: nn.Module):
     return run
 
 
-def check_checkpointable(model: nn.Module, segments) -> None:
+def _check_checkpointable(model: nn.Module, segments) -> None:
     """Raise a clear error unless ``model`` can be checkpointed in ``segments`` chunks."""
     if not _is_int(segments) or segments < 2:
         raise ValueError(f"checkpoint_segments must be an int >= 2 (or 0 for no checkpointing), got {segments!r}")
@@ -671,7 +674,7 @@ class MemoryReport:
                     ax.fill_between(bs, bottom, top, alpha=0.5, label=part, step=None)
                     bottom = top
         if len(set(bs)) >= 2:
-            self.fit().plot(ax=ax, budget=budget, batch_sizes=bs)
+            self.fit().plot(ax=ax, budget=budget)
         else:
             ax.plot(bs, [_mib(r["total"]) for r in self.rows if not r.get("oom")], "ko", label="measured")
         ax.set_title(f"training-step memory ({self.device})")
@@ -825,7 +828,7 @@ class MemoryModel:
                              f"(fixed {self.fixed:.0f} + {self.per_example:.0f} per example)")
         return b
 
-    def plot(self, ax=None, budget=None, batch_sizes=None):
+    def plot(self, ax=None, budget=None):
         """Measured points, the fitted line and (if given) the budget and the batch limit."""
         import matplotlib.pyplot as plt
         if ax is None:
