@@ -4,6 +4,7 @@ Importing nbbatch does no work: no device probing, no data loading, no printing.
 """
 
 from . import data, models, norms, schedules
+from . import data, memory, models, schedules
 from .config import TrainConfig
 from .device import resolve_device, seed_everything
 from .history import History
@@ -23,6 +24,7 @@ __all__ = [
     "accuracy",
     "data",
     "diagnostics",
+    "memory",
     "models",
     "norms",
     "resolve_device",

@@ -77,6 +77,8 @@ class TrainConfig:
             micro-batch against the whole batch (two half-batches when ``accumulate=1``) and record
             ``noise_grad_sq``, ``noise_trace`` and ``b_simple`` in the History (None: off).
         noise_scale_smoothing: EMA weight of the past for the recorded ``b_simple``, in [0, 1).
+        checkpoint_segments: activation checkpointing of an ``nn.Sequential`` model in this many
+            chunks (0: off); see ``nbbatch.memory.CheckpointedSequential``.
 
     Example:
         >>> cfg = TrainConfig(batch_size=1024, lr=0.1, base_batch_size=256, scale_rule="linear")
@@ -119,6 +121,7 @@ class TrainConfig:
     grad_noise_gamma: float = 0.55
     noise_scale_every: int | None = None
     noise_scale_smoothing: float = 0.9
+    checkpoint_segments: int = 0
 
     def __post_init__(self):
         self._check_positive_int("batch_size")
@@ -198,6 +201,8 @@ class TrainConfig:
             self._check_positive_int("noise_scale_every")
         if not _is_number(self.noise_scale_smoothing) or not 0.0 <= self.noise_scale_smoothing < 1.0:
             raise ValueError(f"noise_scale_smoothing must lie in [0, 1), got {self.noise_scale_smoothing!r}")
+        if not _is_int(self.checkpoint_segments) or self.checkpoint_segments < 0 or self.checkpoint_segments == 1:
+            raise ValueError(f"checkpoint_segments must be 0 (off) or an int >= 2, got {self.checkpoint_segments!r}")
 
     def _check_positive_int(self, name: str) -> None:
         value = getattr(self, name)

@@ -28,6 +28,7 @@ from .diagnostics import OnlineNoiseScale, squared_grad_norm
 from .history import History
 from .norms import warn_accumulation_with_bn
 from .optim import LAMB, LARS, add_gradient_noise, gradient_noise_std
+from .memory import checkpointed
 from .schedules import Schedule, scale_lr
 
 EVENTS = ("fit_start", "step_end", "eval_end", "fit_end")
@@ -160,6 +161,7 @@ class Trainer:
         _check_fit(model, loss_fn, cfg.loss, sample[0][:2], sample[1][:2],
                    all_labels=train_xy[1] if train_xy is not None else None)
         optimizer = _build_optimizer(cfg, model.parameters())   # a bad factory fails here, before any change
+        forward = checkpointed(model, cfg.checkpoint_segments)  # the model itself, or checkpointed chunks of it
 
         # ---- build --------------------------------------------------------------------------
         # Accumulating over batch norm normalises each micro-batch on its own: say so, once.
@@ -173,6 +175,7 @@ class Trainer:
         data_seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
         before = list(model.parameters())
         self.model = model.to(device)
+        self._forward = forward
         if train_xy is not None:
             self._train = TensorBatches(train_xy[0], train_xy[1], device, cfg.batch_size, cfg.drop_last,
                                         data_seed, on_device=cfg.data_on_device)
@@ -311,7 +314,7 @@ class Trainer:
         sq_small = None
         for xm, ym in micro:                                  # 3. forward + backward per micro-batch
             with self._autocast:
-                loss = self.loss_fn(self.model(xm), ym)
+                loss = self.loss_fn(self._forward(xm), ym)
             if k > 1:
                 # Each micro-batch loss is a mean over its m examples; weighting it by m/n makes the
                 # summed gradients those of the mean over all n examples, so K micro-batches give
@@ -704,6 +707,29 @@ class Trainer:
         trainer = cls(model, data, cfg, eval_data=eval_data)
         trainer.load_state_dict(state)
         return trainer
+
+    @classmethod
+    def from_plan(cls, model: nn.Module, data, plan, config: TrainConfig | None = None, *, eval_data=None,
+                  **options) -> "Trainer":
+        """A Trainer running an ``nbbatch.memory.plan(...)``: its batch, accumulation, lr and warm-up.
+
+        Args:
+            model, data, eval_data: as for ``Trainer``.
+            plan: an ``nbbatch.memory.Plan``.
+            config, **options: the other fields (optimizer, seed, ...).
+
+        Example:
+            >>> import torch
+            >>> from nbbatch.memory import plan
+            >>> p = plan(64, max_micro_batch=16, base_lr=0.1, base_batch=32)
+            >>> x, y = torch.randn(128, 8), torch.randint(0, 3, (128,))
+            >>> t = Trainer.from_plan(torch.nn.Linear(8, 3), (x, y), p, optimizer="momentum")
+            >>> t.config.batch_size, t.config.accumulate, t.peak_lr
+            (64, 4, 0.2)
+        """
+        if not hasattr(plan, "to_config"):
+            raise TypeError(f"plan must be an nbbatch.memory.Plan, got {type(plan).__name__}")
+        return cls(model, data, plan.to_config(config, **options), eval_data=eval_data)
 
     def __repr__(self) -> str:
         c = self.config
