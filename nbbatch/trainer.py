@@ -7,6 +7,7 @@ record. Everything else (evaluation, stopping, checkpoints) sits around it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -24,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from .batching import DatasetBatches, LoaderBatches, TensorBatches, as_tensors
 from .config import TrainConfig
 from .device import autocast_context, peak_memory_bytes, reset_peak_memory, resolve_device, resolve_precision
+from .distributed import resolve as resolve_distributed
 from .history import History
 from .schedules import Schedule, scale_lr
 
@@ -116,6 +118,10 @@ class Trainer:
         config: a ``TrainConfig``; keyword options override its fields or build one.
         eval_data: what ``evaluate`` and the evaluations during ``fit`` use; defaults to the
             test split of a DataBundle, else none.
+        distributed: ``"auto"`` (data-parallel under torchrun or in an initialised process
+            group of several processes), ``False``, ``True``, or an
+            ``nbbatch.distributed.Distributed(...)``; see ``nbbatch.distributed``. Data-parallel,
+            ``batch_size`` is the global batch and callbacks run on rank 0 only.
         **options: any ``TrainConfig`` field (batch_size, lr, optimizer, accumulate, ...).
 
     Example:
@@ -127,7 +133,8 @@ class Trainer:
         0.45
     """
 
-    def __init__(self, model: nn.Module, data, config: TrainConfig | None = None, *, eval_data=None, **options):
+    def __init__(self, model: nn.Module, data, config: TrainConfig | None = None, *, eval_data=None,
+                 distributed="auto", **options):
         # ---- validate everything before any state changes -----------------------------------
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -141,7 +148,10 @@ class Trainer:
         if isinstance(data, DataLoader) and data.batch_size not in (None, cfg.batch_size):
             raise ValueError(f"batch_size={cfg.batch_size} differs from the DataLoader's batch_size={data.batch_size}; "
                              f"the loader's batches are the optimizer batches")
+        dist_ctx = resolve_distributed(distributed)
         device = resolve_device(cfg.device)
+        if dist_ctx is not None:
+            device = dist_ctx.pick_device(cfg.device, device)
         precision = resolve_precision(cfg.precision, device)
         train_xy, eval_xy, spec = _split_data(data, eval_data)
         n_train = len(train_xy[0]) if train_xy is not None else _length(data)
@@ -157,6 +167,9 @@ class Trainer:
         _check_fit(model, loss_fn, cfg.loss, sample[0][:2], sample[1][:2],
                    all_labels=train_xy[1] if train_xy is not None else None)
         optimizer = _build_optimizer(cfg, model.parameters())   # a bad factory fails here, before any change
+        if dist_ctx is not None:   # the split and the agreement of all ranks, still before any change
+            source = "tensors" if train_xy is not None else ("loader" if isinstance(data, DataLoader) else "dataset")
+            dist_ctx.check(cfg, n_train, model, device, source)
 
         # ---- build --------------------------------------------------------------------------
         self.config = cfg
@@ -166,6 +179,9 @@ class Trainer:
         if cfg.seed is not None:
             torch.manual_seed(cfg.seed)
         data_seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+        if dist_ctx is not None:
+            data_seed = dist_ctx.shared_seed(data_seed)   # one permutation for all ranks
+            model = dist_ctx.convert_batchnorm(model)
         before = list(model.parameters())
         self.model = model.to(device)
         if train_xy is not None:
@@ -175,6 +191,11 @@ class Trainer:
             self._train = LoaderBatches(data, device)
         else:
             self._train = DatasetBatches(data, device, cfg.batch_size, cfg.drop_last, data_seed)
+        self._dist = dist_ctx
+        self._net = self.model       # what the training forward calls (DDP when data-parallel)
+        if dist_ctx is not None:
+            self._train = dist_ctx.shard(self._train)   # this rank's share of each global batch
+            self._net = dist_ctx.wrap(self.model, device)
         self._eval_data = eval_xy
         self._eval_cache = None
         self.loss_fn = loss_fn
@@ -237,7 +258,24 @@ class Trainer:
         """Ask a running ``fit`` to stop after the current optimizer step (safe from any thread)."""
         self._stop_requested = True
 
+    @property
+    def rank(self) -> int:
+        """This process's rank (0 without data parallelism)."""
+        return self._dist.rank if self._dist is not None else 0
+
+    @property
+    def world_size(self) -> int:
+        """Processes training together (1 without data parallelism)."""
+        return self._dist.world_size if self._dist is not None else 1
+
+    @property
+    def is_main_process(self) -> bool:
+        """True on the process that prints, plots and writes checkpoints (rank 0)."""
+        return self.rank == 0
+
     def _trigger(self, event: str, row: dict) -> None:
+        if self._dist is not None and not self._dist.is_main:
+            return   # data-parallel: prints and plots come from rank 0 only
         for fn in self._callbacks[event]:
             fn(self, row)
 
@@ -288,25 +326,32 @@ class Trainer:
         t0 = time.perf_counter()
         xb, yb = self._next_batch()                          # 1. the batch, already on the device
         n = xb.shape[0]
+        world = 1
+        if self._dist is not None:                            # xb is this rank's share of a global batch of n
+            n, world = self._train.last_global_n, self._dist.world_size
         lr = self._schedule(self.step_count)                  # 2. the scheduled lr (pure in the step)
         if lr != self._current_lr:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self._current_lr = lr
         self.optimizer.zero_grad(set_to_none=True)
-        k = min(self.config.accumulate, n)                    # a short last batch may hold fewer examples
+        k = min(self.config.accumulate, xb.shape[0])          # a short last batch may hold fewer examples
         micro = zip(xb.tensor_split(k), yb.tensor_split(k)) if k > 1 else ((xb, yb),)
         total = None
-        for xm, ym in micro:                                  # 3. forward + backward per micro-batch
-            with self._autocast:
-                loss = self.loss_fn(self.model(xm), ym)
-            if k > 1:
-                # Each micro-batch loss is a mean over its m examples; weighting it by m/n makes the
-                # summed gradients those of the mean over all n examples, so K micro-batches give
-                # exactly the update of one batch (uneven splits included).
-                loss = loss * (xm.shape[0] / n)
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        for i, (xm, ym) in enumerate(micro):                  # 3. forward + backward per micro-batch
+            with self._sync(i == k - 1):                      # data-parallel: all-reduce on the last only
+                with self._autocast:
+                    loss = self.loss_fn(self._net(xm), ym)
+                if k > 1 or world > 1:
+                    # Each micro-batch loss is a mean over its m examples; weighting it by m/n makes the
+                    # summed gradients those of the mean over all n examples, so K micro-batches give
+                    # exactly the update of one batch (uneven splits included). Over W processes the
+                    # weight is m*W/n, because DDP divides the summed gradients by W.
+                    loss = loss * ((xm.shape[0] * world) / n)
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             total = loss if total is None else total.detach() + loss.detach()
+        if self._dist is not None:
+            total = self._dist.mean_loss(total)               # the loss of the global batch, on every rank
         loss_value, grads_finite = self._read_loss_and_check_grads(total)
         if not (grads_finite and math.isfinite(loss_value)):  # 4. never apply a non-finite update
             self._diverged(loss_value, lr)
@@ -336,6 +381,9 @@ class Trainer:
         if self._callbacks["step_end"]:
             self._trigger("step_end", row)
         return row
+
+    def _sync(self, last: bool):
+        return self._dist.sync_context(self._net, last) if self._dist is not None else contextlib.nullcontext()
 
     def _read_loss_and_check_grads(self, loss: torch.Tensor) -> tuple[float, bool]:
         """The step's loss as a float, and whether every gradient is finite (one device sync)."""
@@ -416,7 +464,8 @@ class Trainer:
             eval_every = self.config.eval_every
             can_eval = self._eval_data is not None
             while self.step_count < end:
-                if self._stop_requested:
+                if self._stop_requested if self._dist is None else self._dist.any(self._stop_requested):
+                    self._stop_requested = True
                     reason = "interrupted" if self._interrupted else "stopped"
                     break
                 epoch_before = self.epoch
@@ -638,7 +687,13 @@ class Trainer:
             torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write a checkpoint atomically (a temporary file renamed into place)."""
+        """Write a checkpoint atomically (a temporary file renamed into place); data-parallel, rank 0 writes."""
+        if self._dist is not None:
+            self._dist.run_on_main(lambda: self._write(path))
+        else:
+            self._write(path)
+
+    def _write(self, path) -> None:
         path = os.fspath(path)
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
@@ -655,12 +710,14 @@ class Trainer:
             raise
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model: nn.Module, data=None, *, eval_data=None, **overrides) -> "Trainer":
+    def load(cls, path: str | os.PathLike, model: nn.Module, data=None, *, eval_data=None, distributed="auto",
+             **overrides) -> "Trainer":
         """Rebuild a trainer from a checkpoint written by ``save`` and continue with ``fit()``.
 
         The checkpoint is read with ``weights_only=True``: a file that would run code when
         unpickled is refused. ``data`` may be left out when the run used a built-in dataset.
         Options that were custom callables (optimizer factory, loss, metrics) must be passed again.
+        A data-parallel run resumes on any number of processes (every rank reads the file).
         """
         state = read_checkpoint(path)
         cfg = TrainConfig.from_dict(state["config"], **overrides)
@@ -670,7 +727,7 @@ class Trainer:
                 raise ValueError("the checkpoint's data was not a built-in dataset: pass data=... to Trainer.load")
             from .data import load_dataset
             data = load_dataset(spec)
-        trainer = cls(model, data, cfg, eval_data=eval_data)
+        trainer = cls(model, data, cfg, eval_data=eval_data, distributed=distributed)
         trainer.load_state_dict(state)
         return trainer
 
