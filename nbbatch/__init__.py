@@ -6,6 +6,7 @@ Importing nbbatch does no work: no device probing, no data loading, no printing.
 from . import data, models, schedules
 from .config import TrainConfig
 from .device import resolve_device, seed_everything
+from .distributed import Distributed, launch
 from .history import History
 from .schedules import Schedule, scale_lr
 from .trainer import DivergenceError, Target, Trainer, accuracy
@@ -13,6 +14,7 @@ from .trainer import DivergenceError, Target, Trainer, accuracy
 __version__ = "0.1.0"
 
 __all__ = [
+    "Distributed",
     "DivergenceError",
     "History",
     "Schedule",
@@ -21,6 +23,7 @@ __all__ = [
     "Trainer",
     "accuracy",
     "data",
+    "launch",
     "models",
     "resolve_device",
     "scale_lr",

@@ -52,7 +52,8 @@ import torch.distributed as dist
 
 from .batching import DatasetBatches, TensorBatches, epoch_permutation
 
-__all__ = ["Distributed", "DistContext", "LaunchError", "WorkerError", "free_port", "launch", "rank", "world_size"]
+__all__ = ["Distributed", "DistContext", "LaunchError", "ReportedByRank0", "free_port",
+           "launch", "rank", "world_size"]
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -204,7 +205,19 @@ class DistContext:
         return device
 
     def check(self, cfg, n_train: int | None, model: torch.nn.Module, device: torch.device, source: str) -> None:
-        """Refuse a run that cannot be split sensibly, or whose ranks disagree (reported by rank 0)."""
+        """Refuse a run that cannot be split sensibly, or whose ranks disagree (reported by rank 0).
+
+        Every rank raises (none is left waiting in a collective); rank 0 raises ``ValueError``
+        with the full report, the others ``ReportedByRank0``.
+        """
+        try:
+            self._check(cfg, n_train, model, device, source)
+        except ValueError as err:
+            if self.is_main or isinstance(err, ReportedByRank0):
+                raise
+            raise ReportedByRank0(f"{err} (rank {self.rank}; rank 0 reports the same)") from None
+
+    def _check(self, cfg, n_train, model, device, source) -> None:
         mine = _run_signature(cfg, n_train, model)
         gathered: list = [None] * self.world_size
         dist.all_gather_object(gathered, mine, group=self.group)
@@ -218,7 +231,7 @@ class DistContext:
             if self.is_main:
                 raise ValueError("distributed: the processes were given different runs; every rank must build the "
                                  "same config, model and data. " + "; ".join(diffs))
-            raise ValueError("distributed: this rank's run differs from rank 0's (rank 0 reports the differences)")
+            raise ReportedByRank0("distributed: this rank's run differs from rank 0's (rank 0 reports the differences)")
         W, B = self.world_size, cfg.batch_size
         if source == "loader":
             raise ValueError("data: a DataLoader's batches cannot be split across processes; pass tensors, a "
@@ -307,6 +320,10 @@ class DistContext:
             raise error
         if box[0] is not None:
             raise RuntimeError(f"rank 0 failed: {box[0]}")
+
+
+class ReportedByRank0(ValueError):
+    """A check failed on a rank other than 0; rank 0 raises the same check with the full report."""
 
 
 def _has_batchnorm(model: torch.nn.Module) -> bool:
@@ -423,8 +440,6 @@ class LaunchError(RuntimeError):
         self.rank, self.exitcode, self.remote_traceback = rank, exitcode, remote_traceback
 
 
-WorkerError = LaunchError
-
 
 def _worker(payload: bytes, rank_: int, nprocs: int, host: str, port: int, backend: str, threads: int | None,
             timeout_s: float, results) -> None:
@@ -443,20 +458,21 @@ def _worker(payload: bytes, rank_: int, nprocs: int, host: str, port: int, backe
                                 timeout=timedelta(seconds=timeout_s))
         with contextlib.redirect_stdout(out):
             value = fn(*args, **kwargs)
-        message = ("ok", value, out.getvalue())
         try:
-            data = cloudpickle.dumps((rank_,) + message)
+            data = cloudpickle.dumps((rank_, "ok", value, out.getvalue(), False))
         except Exception as err:
             data = cloudpickle.dumps((rank_, "error", f"the result of rank {rank_} cannot be pickled: {err!r}",
-                                      out.getvalue()))
+                                      out.getvalue(), False))
     except BaseException as err:  # everything goes back to the notebook, with the worker's traceback
         text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
-        data = cloudpickle.dumps((rank_, "error", text, out.getvalue()))
-    finally:
-        if dist.is_initialized():
-            with contextlib.suppress(Exception):
-                dist.destroy_process_group()
+        echo = isinstance(err, ReportedByRank0) or isinstance(err, getattr(dist, "DistError", ReportedByRank0))
+        data = cloudpickle.dumps((rank_, "error", text, out.getvalue(), echo))
+    # Report before leaving the group: closing it makes the peers' collectives fail, and their
+    # (echo) errors should not arrive first.
     results.put(data)
+    if dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
 
 
 def launch(fn: Callable, nprocs: int = 2, *, args: Sequence = (), kwargs: dict | None = None,
@@ -541,66 +557,68 @@ def launch(fn: Callable, nprocs: int = 2, *, args: Sequence = (), kwargs: dict |
     procs = [ctx.Process(target=_worker, args=(payload, r, nprocs, host, port, backend, threads,
                                                collective_timeout, results), daemon=True)
              for r in range(nprocs)]
-    gathered: dict[int, tuple] = {}
+    gathered: dict[int, tuple] = {}   # rank -> (status, value, printed, secondary)
+    errors: list[int] = []            # ranks that raised, in order of arrival
     deadline = None if timeout is None else time.monotonic() + timeout
-    failure: LaunchError | None = None
+    death: LaunchError | None = None
+
+    def receive(wait: float) -> bool:
+        try:
+            rank_, status, value, printed, secondary = cloudpickle.loads(results.get(timeout=wait))
+        except queue_module.Empty:
+            return False
+        gathered[rank_] = (status, value, printed, secondary)
+        if status == "error":
+            errors.append(rank_)
+        return True
+
     try:
         for p in procs:
             p.start()
-        while len(gathered) < nprocs and failure is None:
-            try:
-                rank_, status, value, printed = cloudpickle.loads(results.get(timeout=0.2))
-                gathered[rank_] = (status, value, printed)
-                if status == "error":
-                    failure = LaunchError(f"rank {rank_} of {nprocs} raised:\n{value}", rank=rank_,
-                                          remote_traceback=value)
+        while len(gathered) < nprocs and not errors and death is None:
+            if receive(0.2):
                 continue
-            except queue_module.Empty:
-                pass
             for r, p in enumerate(procs):
-                if r not in gathered and p.exitcode is not None:
-                    # Gone without a result: give the queue a moment (its feeder may still flush).
-                    try:
-                        rank_, status, value, printed = cloudpickle.loads(results.get(timeout=1.0))
-                        gathered[rank_] = (status, value, printed)
-                        if status == "error":
-                            failure = LaunchError(f"rank {rank_} of {nprocs} raised:\n{value}", rank=rank_,
-                                                  remote_traceback=value)
-                        break
-                    except queue_module.Empty:
-                        failure = LaunchError(f"rank {r} of {nprocs} died with exit code {p.exitcode} "
-                                              f"(killed or crashed) before returning; the other workers were stopped",
-                                              rank=r, exitcode=p.exitcode)
-                        break
-            if failure is None and deadline is not None and time.monotonic() > deadline:
+                if r not in gathered and p.exitcode is not None and not receive(1.0):
+                    # Gone without a result, even after its queue had a moment to flush.
+                    death = LaunchError(f"rank {r} of {nprocs} died with exit code {p.exitcode} (killed or "
+                                        f"crashed) before returning; the other workers were stopped",
+                                        rank=r, exitcode=p.exitcode)
+                    break
+            if deadline is not None and time.monotonic() > deadline and not errors and death is None:
                 missing = sorted(set(range(nprocs)) - set(gathered))
                 raise TimeoutError(f"launch: ranks {missing} had not finished after timeout={timeout} s; "
                                    f"all workers were stopped")
-        if failure is not None:
-            # The others may be blocked in a collective that will never complete: let them go
-            # after a short grace, then stop them. Their errors are kept so the lowest failing
-            # rank (rank 0 reports mismatched runs in full) is the one raised.
+        if errors or death is not None:
+            # The others may be blocked in a collective that will never complete: let them
+            # report for a short grace, then stop them.
             end = time.monotonic() + grace
             while time.monotonic() < end and len(gathered) < nprocs:
-                try:
-                    rank_, status, value, printed = cloudpickle.loads(results.get(timeout=0.05))
-                    gathered[rank_] = (status, value, printed)
-                except queue_module.Empty:
-                    if not any(p.is_alive() for r, p in enumerate(procs) if r not in gathered):
-                        break
-            errors = sorted(r for r, g in gathered.items() if g[0] == "error")
-            if errors and errors[0] != failure.rank:
-                r = errors[0]
-                failure = LaunchError(f"rank {r} of {nprocs} raised:\n{gathered[r][1]}", rank=r,
-                                      remote_traceback=gathered[r][1])
+                if not receive(0.05) and not any(p.is_alive() for r, p in enumerate(procs) if r not in gathered):
+                    break
+            while receive(0.2):
+                pass
+            if death is None:
+                # A worker that died is the cause; the others' collective errors are its echo.
+                dead = [r for r, p in enumerate(procs) if r not in gathered and p.exitcode not in (None, 0)]
+                if dead:
+                    r = dead[0]
+                    death = LaunchError(f"rank {r} of {nprocs} died with exit code {procs[r].exitcode} (killed or "
+                                        f"crashed) before returning; the other workers were stopped",
+                                        rank=r, exitcode=procs[r].exitcode)
     finally:
         _stop_all(procs)
         results.close()
         results.join_thread()
-    if failure is not None:
-        raise failure
+    if death is not None:
+        raise death
+    if errors:
+        # The first error that is not an echo: of a failed peer (a collective's error) or of a
+        # report rank 0 makes in full.
+        r = next((r for r in errors if not gathered[r][3]), errors[0])
+        raise LaunchError(f"rank {r} of {nprocs} raised:\n{gathered[r][1]}", rank=r, remote_traceback=gathered[r][1])
     for r in range(nprocs):
-        status, value, printed = gathered[r]
+        printed = gathered[r][2]
         if printed and (print_output == "all" or (print_output == "rank0" and r == 0)):
             prefix = f"[rank {r}] " if print_output == "all" else ""
             print("".join(prefix + line for line in printed.splitlines(keepends=True)), end="")
