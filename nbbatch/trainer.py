@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from .batching import DatasetBatches, LoaderBatches, TensorBatches, as_tensors
 from .config import TrainConfig
 from .device import autocast_context, peak_memory_bytes, reset_peak_memory, resolve_device, resolve_precision
+from .distributed import StopAgreed
 from .distributed import resolve as resolve_distributed
 from .history import History
 from .schedules import Schedule, scale_lr
@@ -339,7 +340,8 @@ class Trainer:
         micro = zip(xb.tensor_split(k), yb.tensor_split(k)) if k > 1 else ((xb, yb),)
         total = None
         for i, (xm, ym) in enumerate(micro):                  # 3. forward + backward per micro-batch
-            with self._sync(i == k - 1):                      # data-parallel: all-reduce on the last only
+            last = i == k - 1
+            with self._sync(last):                            # data-parallel: all-reduce on the last only
                 with self._autocast:
                     loss = self.loss_fn(self._net(xm), ym)
                 if k > 1 or world > 1:
@@ -348,10 +350,15 @@ class Trainer:
                     # exactly the update of one batch (uneven splits included). Over W processes the
                     # weight is m*W/n, because DDP divides the summed gradients by W.
                     loss = loss * ((xm.shape[0] * world) / n)
+                total = loss.detach() if total is None else total + loss.detach()
+                if last and self._dist is not None:           # the loss and a stop request ride on DDP's
+                    self._dist.attach(total, self._stop_requested)   # gradient all-reduce
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            total = loss if total is None else total.detach() + loss.detach()
         if self._dist is not None:
-            total = self._dist.mean_loss(total)               # the loss of the global batch, on every rank
+            total, stop = self._dist.collect()                # the global batch's loss, on every rank
+            if stop:                                          # some rank asked to stop: no rank updates
+                self._stop_requested = True
+                raise StopAgreed
         loss_value, grads_finite = self._read_loss_and_check_grads(total)
         if not (grads_finite and math.isfinite(loss_value)):  # 4. never apply a non-finite update
             self._diverged(loss_value, lr)
@@ -414,6 +421,7 @@ class Trainer:
 
     def step(self) -> dict:
         """Run exactly one optimizer step (for interactive use) and return its history row."""
+        self._stop_requested = False
         self._get_schedule(self._horizon)
         return self._guarded_step()
 
@@ -464,12 +472,15 @@ class Trainer:
             eval_every = self.config.eval_every
             can_eval = self._eval_data is not None
             while self.step_count < end:
-                if self._stop_requested if self._dist is None else self._dist.any(self._stop_requested):
-                    self._stop_requested = True
+                if self._stop_requested and self._dist is None:
                     reason = "interrupted" if self._interrupted else "stopped"
                     break
                 epoch_before = self.epoch
-                row = self._guarded_step()
+                try:
+                    row = self._guarded_step()
+                except StopAgreed:   # data-parallel: every rank learnt of a stop request in the same step
+                    reason = "interrupted" if self._interrupted else "stopped"
+                    break
                 if target is not None and target.metric == "loss" and target.reached(row["loss"]):
                     reason = "target"
                     break

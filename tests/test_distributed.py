@@ -151,7 +151,8 @@ def test_checkpoint_written_by_rank_0_resumes_on_another_world_size(tmp_path):
 def stop_from_rank0_callback():
     torch.set_num_threads(1)
     x, y = toy_data()
-    t = Trainer(make_mlp(), (x, y), batch_size=32, lr=0.1, seed=0)
+    model = make_mlp()
+    t = Trainer(model, (x, y), batch_size=32, lr=0.2, optimizer="momentum", seed=3)
     calls = []
 
     def cb(trainer, row):
@@ -160,14 +161,21 @@ def stop_from_rank0_callback():
         if row["step"] == 3:
             trainer.request_stop()
     t.add_callback("step_end", cb)
-    t.fit(steps=10)
-    return t.step_count, len(calls), t.history.events[-1]["event"]
+    t.fit(steps=9)
+    stopped = (t.step_count, len(calls), t.history.events[-1]["event"])
+    t.remove_callback("step_end", cb)
+    t.fit()                                  # a stop is a pause: continue to the planned end
+    return stopped, {"weights": weights(model), "loss": t.history.steps["loss"],
+                     "batch_size": t.history.steps["batch_size"], "examples": t.examples_seen}
 
 
 def test_a_stop_from_rank_0_stops_every_rank_and_only_rank_0_runs_callbacks(capsys):
     res = launch(stop_from_rank0_callback, nprocs=2, timeout=TIMEOUT)
-    assert res == [(3, 3, "stopped"), (3, 0, "stopped")]
+    assert [r[0] for r in res] == [(3, 3, "stopped"), (3, 0, "stopped")]
     assert capsys.readouterr().out == "step 1\nstep 2\nstep 3\n"     # rank 0's prints, once
+    uninterrupted = run(batch_size=32, steps=9)
+    for _, continued in res:                                          # the stopped step was not half applied
+        assert_same_run(continued, uninterrupted)
 
 
 # ---------------------------------------------------------------------------- bad input
