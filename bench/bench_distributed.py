@@ -11,7 +11,8 @@ repetition runs each contender once, in an order rotated by one place per repeti
 
 Two workloads: ``small`` (the 15k-parameter mnist1d MLP at global batch 128: a step is mostly
 fixed cost and communication) and ``wide`` (a 290k-parameter MLP at global batch 1024: a step is
-mostly compute). A W=2 time is the slowest rank's (a barrier closes the timed region).
+mostly compute). Only the training loop is timed (building the Trainer, DDP and the optimizer is
+not); a W=2 time is the slowest rank's (barriers open and close the timed region).
 
 Reported: median seconds, global examples/s, the speed-up of W=2 over W=1 (ratio of medians and
 the median of per-repetition ratios), and the Trainer against the hand loop at the same W.
@@ -51,7 +52,10 @@ def _model(hidden):
 
 
 def _hand_run(model, x, y, batch_size, steps, world, rank):
-    """A plain loop; at world 2 through DDP on this rank's contiguous share of each global batch."""
+    """A plain loop; at world 2 through DDP on this rank's contiguous share of each global batch.
+
+    Returns the loop as a function: building DDP and the optimizer is not timed.
+    """
     import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -61,24 +65,28 @@ def _hand_run(model, x, y, batch_size, steps, world, rank):
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
     n = len(x)
     per_epoch = n // batch_size
-    epoch, perm = -1, None
-    for step in range(steps):
-        e, i = divmod(step, per_epoch)
-        if e != epoch:
-            epoch, perm = e, epoch_permutation(n, 0, e)
-        idx = perm[i * batch_size:(i + 1) * batch_size]
-        if world > 1:
-            idx = idx.tensor_split(world)[rank]
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(net(x[idx]), y[idx]).backward()
-        opt.step()
+
+    def loop():
+        epoch, perm = -1, None
+        for step in range(steps):
+            e, i = divmod(step, per_epoch)
+            if e != epoch:
+                epoch, perm = e, epoch_permutation(n, 0, e)
+            idx = perm[i * batch_size:(i + 1) * batch_size]
+            if world > 1:
+                idx = idx.tensor_split(world)[rank]
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(net(x[idx]), y[idx]).backward()
+            opt.step()
+    return loop
 
 
 def _trainer_run(model, x, y, batch_size, steps, world):
+    """The Trainer's ``fit``, returned as a function: building the Trainer (and DDP) is not timed."""
     from nbbatch import Trainer
     t = Trainer(model, (x, y), batch_size=batch_size, lr=LR, optimizer="momentum", momentum=MOMENTUM, seed=0,
                 drop_last=True, device="cpu", distributed=world > 1)
-    t.fit(steps=steps)
+    return lambda: t.fit(steps=steps)
 
 
 def worker(bundle, workloads, repeats, check):
@@ -91,8 +99,8 @@ def worker(bundle, workloads, repeats, check):
     if check:   # the Trainer and the hand loop compute the same thing at W=2
         hidden, batch, _ = WORKLOADS["small"]
         a, b = _model(hidden), _model(hidden)
-        _trainer_run(a, x, y, batch, 40, 2)
-        _hand_run(b, x, y, batch, 40, 2, rank)
+        _trainer_run(a, x, y, batch, 40, 2)()
+        _hand_run(b, x, y, batch, 40, 2, rank)()
         out["max_diff"] = max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
     for rep in range(-1, repeats):                    # rep -1: warm-up, not recorded
         order = CONTENDERS[rep % len(CONTENDERS):] + CONTENDERS[:rep % len(CONTENDERS)]
@@ -100,17 +108,19 @@ def worker(bundle, workloads, repeats, check):
             hidden, batch, steps = WORKLOADS[name]
             for kind, world in order:
                 model = _model(hidden)
-                dist.barrier()
                 if world == 1 and rank != 0:
+                    dist.barrier()
                     cpu = time.process_time()
                     dist.barrier()                    # rank 0 trains alone meanwhile
                     out["idle_cpu"].append(time.process_time() - cpu)
                     continue
-                t0 = time.perf_counter()
                 if kind == "trainer":
-                    _trainer_run(model, x, y, batch, steps, world)
+                    train = _trainer_run(model, x, y, batch, steps, world)
                 else:
-                    _hand_run(model, x, y, batch, steps, world, rank)
+                    train = _hand_run(model, x, y, batch, steps, world, rank)
+                dist.barrier()
+                t0 = time.perf_counter()
+                train()
                 if world > 1:
                     dist.barrier()                    # the slowest rank ends the timed region
                 dt = time.perf_counter() - t0

@@ -477,6 +477,14 @@ class LaunchError(RuntimeError):
 
 
 
+def _loopback_interface() -> str | None:
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except (AttributeError, OSError):
+        return None
+    return next((n for n in ("lo", "lo0") if n in names), None)
+
+
 def _worker(payload: bytes, rank_: int, nprocs: int, host: str, port: int, backend: str, threads: int | None,
             timeout_s: float, results) -> None:
     import cloudpickle
@@ -484,6 +492,9 @@ def _worker(payload: bytes, rank_: int, nprocs: int, host: str, port: int, backe
     out = io.StringIO()
     os.environ.update({"MASTER_ADDR": host, "MASTER_PORT": str(port), "RANK": str(rank_),
                        "WORLD_SIZE": str(nprocs), "LOCAL_RANK": str(rank_), "LOCAL_WORLD_SIZE": str(nprocs)})
+    loopback = _loopback_interface()
+    if host in ("127.0.0.1", "localhost") and loopback and "GLOO_SOCKET_IFNAME" not in os.environ:
+        os.environ["GLOO_SOCKET_IFNAME"] = loopback   # gloo's own connections stay on this machine too
     try:
         if threads is not None:
             torch.set_num_threads(threads)

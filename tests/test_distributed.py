@@ -333,11 +333,13 @@ def test_launch_rejects_bad_arguments_and_a_busy_port(monkeypatch):
 def test_cli_train_runs_unchanged_under_torchrun(tmp_path):
     """`nbbatch train` under torchrun (2 CPU processes) trains like one process at the same batch."""
     env = {**os.environ, "NBBATCH_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+           **({"GLOO_SOCKET_IFNAME": nbdist._loopback_interface()} if nbdist._loopback_interface() else {}),
            "PYTHONPATH": os.pathsep.join([str(os.path.dirname(os.path.dirname(nbdist.__file__))),
                                           os.environ.get("PYTHONPATH", "")])}
     args = ["train", "--dataset", "digits", "--batch-size", "128", "--epochs", "1", "--lr", "0.1",
             "--device", "cpu", "--threads", "1"]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+    rendezvous = ["--nnodes", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{nbdist.free_port()}"]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", *rendezvous, "--nproc-per-node", "2",
                           "-m", "nbbatch.cli", *args, "--save", str(tmp_path / "two.pt")],
                          capture_output=True, text=True, env=env, timeout=TIMEOUT)
     assert two.returncode == 0, two.stderr[-3000:]
