@@ -44,9 +44,12 @@ class PairDataset(Dataset):
         return self.x[i], self.y[i]
 
 
-def run(batch_size, steps, accumulate=1, n=200, as_dataset=False, optimizer="momentum", **options):
-    """One run; in a worker it is data-parallel over the launched group."""
+def run(batch_size, steps, accumulate=1, n=200, as_dataset=False, optimizer="momentum", new_group=False, **options):
+    """One run; in a worker it is data-parallel over the launched group (or a group made for it)."""
     torch.set_num_threads(1)
+    if new_group and nbdist.world_size() > 1:
+        import torch.distributed as dist
+        options["distributed"] = dist.new_group(list(range(dist.get_world_size())))
     x, y = toy_data(n)
     model = make_mlp()
     data = PairDataset(x, y) if as_dataset else (x, y)
@@ -69,6 +72,7 @@ CASES = [
     dict(batch_size=32, steps=9),                                  # 200 % 32 = 8: an uneven last batch (4 + 4)
     dict(batch_size=40, steps=7, accumulate=2),                    # accumulation: no_sync on the first micro-batch
     dict(batch_size=48, steps=6, as_dataset=True, n=150),          # the map-style Dataset path; last batch 6 -> 3 + 3
+    dict(batch_size=64, steps=5, data_on_device=False, new_group=True),   # a ProcessGroup object given explicitly
 ]
 
 
