@@ -20,6 +20,9 @@ What stays the same at any world size ``W``:
 - Only rank 0 runs callbacks (so prints and plots appear once) and writes checkpoints. A
   checkpoint holds the plain model (no ``module.`` prefix) and global progress, so it resumes
   on any world size.
+- Building a Trainer (and ``Trainer.load``) is collective: every rank must do it, with the same
+  configuration, model and data (checked; rank 0 reports differences). For a trainer that lives
+  on one rank only, pass ``distributed=False``.
 
 Batch normalisation: by default each process normalises over its own share of the batch
 (``batch_size / W`` examples, a ghost-batch-like statistic; rank 0's running statistics are
@@ -315,20 +318,8 @@ class DistContext:
         self._extra = self._reduced = None
         return reduced[:1], bool(reduced[1].item() > 0)
 
-    def run_on_main(self, fn: Callable[[], Any]) -> None:
-        """Run ``fn`` on rank 0 only; every rank returns when it is done, or raises if it failed."""
-        error = None
-        if self.is_main:
-            try:
-                fn()
-            except Exception as err:   # reported to the other ranks, then re-raised here
-                error = err
-        box = [None if error is None else f"{type(error).__name__}: {error}"]
-        dist.broadcast_object_list(box, src=self._global_rank(0), group=self.group)
-        if error is not None:
-            raise error
-        if box[0] is not None:
-            raise RuntimeError(f"rank 0 failed: {box[0]}")
+    def barrier(self) -> None:
+        dist.barrier(group=self.group)
 
 
 def _allreduce_hook(ctx: DistContext, bucket):

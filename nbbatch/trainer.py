@@ -698,13 +698,14 @@ class Trainer:
             torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write a checkpoint atomically (a temporary file renamed into place); data-parallel, rank 0 writes."""
-        if self._dist is not None:
-            self._dist.run_on_main(lambda: self._write(path))
-        else:
-            self._write(path)
+        """Write a checkpoint atomically (a temporary file renamed into place).
 
-    def _write(self, path) -> None:
+        Data-parallel, rank 0 writes and the other ranks return at once, so calling it on every
+        rank and calling it on rank 0 alone both work; ``Trainer.load`` waits for all ranks
+        before it reads, so a file saved just before is complete.
+        """
+        if self._dist is not None and not self._dist.is_main:
+            return
         path = os.fspath(path)
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
@@ -730,6 +731,9 @@ class Trainer:
         Options that were custom callables (optimizer factory, loss, metrics) must be passed again.
         A data-parallel run resumes on any number of processes (every rank reads the file).
         """
+        ctx = resolve_distributed(distributed)
+        if ctx is not None:
+            ctx.barrier()   # rank 0 may have just written the file
         state = read_checkpoint(path)
         cfg = TrainConfig.from_dict(state["config"], **overrides)
         if data is None:

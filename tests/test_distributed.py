@@ -114,7 +114,7 @@ def test_shares_are_disjoint_and_cover_each_global_batch():
 
 
 # ---------------------------------------------------------------------------- checkpoints and resume
-def resume_part(path, steps, save_at=None):
+def resume_part(path, steps, save_at=None, save_on_all=True):
     """Uninterrupted (save_at=None, path=None), or train to save_at, save, and resume to steps."""
     torch.set_num_threads(1)
     x, y = toy_data()
@@ -123,10 +123,11 @@ def resume_part(path, steps, save_at=None):
     out = {}
     if save_at is not None:
         t.fit(steps=save_at)
-        t.save(path)
-        out["written"] = os.path.exists(path)     # on every rank: rank 0 finished writing first
+        if nbdist.rank() == 0 or save_on_all:
+            t.save(path)                           # rank 0 writes; elsewhere save() returns at once
         model = make_mlp(seed=2)                   # other weights: everything must come from the file
-        t = Trainer.load(path, model, (x, y))
+        t = Trainer.load(path, model, (x, y))      # waits for every rank, so the file is complete
+        out["written"] = os.path.exists(path)
     elif path is not None:
         t = Trainer.load(path, model, (x, y))
     t.fit(steps=steps - t.step_count)
@@ -141,12 +142,15 @@ def test_checkpoint_written_by_rank_0_resumes_on_another_world_size(tmp_path):
     full = resume_part(None, 14)                                                 # one process, uninterrupted
     two = launch(resume_part, nprocs=2, args=(ck, 14), kwargs={"save_at": 5}, timeout=TIMEOUT)
     assert [r["written"] for r in two] == [True, True]
+    guarded = launch(resume_part, nprocs=2, args=(str(tmp_path / "rank0.pt"), 14),
+                     kwargs={"save_at": 5, "save_on_all": False}, timeout=TIMEOUT)   # `if rank == 0: save`
+    os.unlink(tmp_path / "rank0.pt")
     assert os.listdir(tmp_path) == ["run.pt"]                                   # no temporary file left
     state = torch.load(ck, weights_only=True)
     assert not any(k.startswith("module.") for k in state["model"])             # the plain model, not DDP's
     assert state["progress"]["step"] == 5 and state["progress"]["examples"] == 160
     one = resume_part(ck, 14)                                                    # resumed on a different world size
-    for r in (*two, one):
+    for r in (*two, *guarded, one):
         assert r["step"] == 14 and r["world"] in (1, 2)
         assert_same_run(r, full)
 
