@@ -521,7 +521,9 @@ def launch(fn: Callable, nprocs: int = 2, *, args: Sequence = (), kwargs: dict |
 
     Each worker joins a process group (``torch.distributed``) before ``fn`` runs, so a Trainer
     built inside ``fn`` trains data-parallel over the workers. ``fn`` may be defined in a
-    notebook cell (it is shipped with cloudpickle). What rank 0 printed is printed here.
+    notebook cell (it is shipped with cloudpickle). What rank 0 printed is printed here. The
+    workers are daemon processes (they end with this one), so ``fn`` cannot start processes of
+    its own (for example DataLoader workers).
 
     Args:
         fn: the function each worker runs; its return value (picklable) comes back.
