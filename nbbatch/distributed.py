@@ -207,21 +207,22 @@ class DistContext:
             return torch.device("cuda", index)
         return device
 
-    def check(self, cfg, n_train: int | None, model: torch.nn.Module, device: torch.device, source: str) -> None:
+    def check(self, cfg, n_train: int | None, model: torch.nn.Module, device: torch.device, source: str,
+              train_xy=None) -> None:
         """Refuse a run that cannot be split sensibly, or whose ranks disagree (reported by rank 0).
 
         Every rank raises (none is left waiting in a collective); rank 0 raises ``ValueError``
         with the full report, the others ``ReportedByRank0``.
         """
         try:
-            self._check(cfg, n_train, model, device, source)
+            self._check(cfg, n_train, model, device, source, train_xy)
         except ValueError as err:
             if self.is_main or isinstance(err, ReportedByRank0):
                 raise
             raise ReportedByRank0(f"{err} (rank {self.rank}; rank 0 reports the same)") from None
 
-    def _check(self, cfg, n_train, model, device, source) -> None:
-        mine = _run_signature(cfg, n_train, model)
+    def _check(self, cfg, n_train, model, device, source, train_xy) -> None:
+        mine = _run_signature(cfg, n_train, model, train_xy)
         gathered: list = [None] * self.world_size
         dist.all_gather_object(gathered, mine, group=self.group)
         reference = gathered[0]
@@ -357,11 +358,13 @@ def _has_batchnorm(model: torch.nn.Module) -> bool:
     return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def _run_signature(cfg, n_train, model) -> dict:
+def _run_signature(cfg, n_train, model, train_xy=None) -> dict:
     d = cfg.to_dict()
     d.pop("device", None)          # ranks may sit on different devices of one kind
     d["n_train"] = n_train
     d["model"] = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+    if train_xy is not None:       # in-memory data: a cheap fingerprint (sums), so every rank shards the same set
+        d["train_data_sums"] = tuple(float(f"{float(t.detach().double().sum()):.10g}") for t in train_xy)
     return d
 
 

@@ -170,7 +170,7 @@ class Trainer:
         optimizer = _build_optimizer(cfg, model.parameters())   # a bad factory fails here, before any change
         if dist_ctx is not None:   # the split and the agreement of all ranks, still before any change
             source = "tensors" if train_xy is not None else ("loader" if isinstance(data, DataLoader) else "dataset")
-            dist_ctx.check(cfg, n_train, model, device, source)
+            dist_ctx.check(cfg, n_train, model, device, source, train_xy)
 
         # ---- build --------------------------------------------------------------------------
         self.config = cfg

@@ -187,9 +187,12 @@ def test_a_stop_from_rank_0_stops_every_rank_and_only_rank_0_runs_callbacks(caps
 
 
 # ---------------------------------------------------------------------------- bad input
-def build(batch_size=32, rank_lr=False, drop_last=False, n=200, accumulate=1, loader=False, sync_bn=False):
+def build(batch_size=32, rank_lr=False, drop_last=False, n=200, accumulate=1, loader=False, sync_bn=False,
+          rank_data=False):
     torch.set_num_threads(1)
     x, y = toy_data(n)
+    if rank_data:
+        x = x + nbdist.rank()          # each rank loaded different data
     lr = 0.1 * (1 + nbdist.rank()) if rank_lr else 0.1
     data = DataLoader(TensorDataset(x, y), batch_size=batch_size) if loader else (x, y)
     model = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)) if sync_bn else make_mlp()
@@ -205,6 +208,7 @@ BAD = [
     (dict(batch_size=8, accumulate=8), "accumulate=8 splits the per-process batch of 4 examples"),
     (dict(loader=True), "a DataLoader's batches cannot be split across processes"),
     (dict(rank_lr=True), "rank 1 has lr=0.2 where rank 0 has 0.1"),
+    (dict(rank_data=True), "rank 1 has train_data_sums="),
     (dict(sync_bn=True), "sync_batchnorm=True needs CUDA devices"),
     (dict(batch_size=32, n=193, drop_last=True), None),            # the same run split sensibly is fine
 ]
