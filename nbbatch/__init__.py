@@ -3,20 +3,23 @@
 Importing nbbatch does no work: no device probing, no data loading, no printing.
 """
 
-from . import data, models, norms, schedules
-from . import data, memory, models, schedules
+from . import data, diagnostics, geometry, memory, models, norms, optim, schedules
 from .config import TrainConfig
 from .device import resolve_device, seed_everything
+from .distributed import Distributed, launch
 from .history import History
+from .optim import LAMB, LARS
 from .schedules import Schedule, scale_lr
 from .trainer import DivergenceError, Target, Trainer, accuracy
-from . import diagnostics
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Distributed",
     "DivergenceError",
     "History",
+    "LAMB",
+    "LARS",
     "Schedule",
     "Target",
     "TrainConfig",
@@ -24,17 +27,15 @@ __all__ = [
     "accuracy",
     "data",
     "diagnostics",
+    "geometry",
+    "launch",
     "memory",
     "models",
     "norms",
+    "optim",
     "resolve_device",
     "scale_lr",
     "schedules",
     "seed_everything",
     "__version__",
 ]
-
-from . import geometry, optim  # noqa: E402  (large-batch optimizers; loss-surface geometry)
-from .optim import LAMB, LARS  # noqa: E402
-
-__all__ += ["LAMB", "LARS", "geometry", "optim"]

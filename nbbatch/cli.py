@@ -15,6 +15,7 @@ target, and writes the figure.
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 
 from .config import OPTIMIZERS
@@ -192,6 +193,8 @@ def train(args: argparse.Namespace, out=sys.stdout) -> int:
                       base_batch_size=args.base_batch_size, warmup=args.warmup, warmup_epochs=args.warmup_epochs,
                       decay=args.decay, accumulate=args.accumulate, clip_grad_norm=args.clip_grad_norm,
                       precision=args.precision, device=args.device, seed=args.seed)
+    if not trainer.is_main_process:   # data-parallel under torchrun: rank 0 prints and writes
+        out = io.StringIO()
     print(f"# {bundle.description}", file=out)
     print(f"# {trainer!r}", file=out)
     print(f"{'epoch':>5} {'steps':>6} {'train_loss':>10} {'test_loss':>9} {'test_acc':>8} {'lr':>9} {'seconds':>8}", file=out)
@@ -212,7 +215,7 @@ def train(args: argparse.Namespace, out=sys.stdout) -> int:
     if args.save:
         trainer.save(args.save)
         print(f"checkpoint written to {args.save}", file=out)
-    if args.csv:
+    if args.csv and trainer.is_main_process:
         trainer.history.to_csv(args.csv)
     return 0
 

@@ -7,6 +7,7 @@ record. Everything else (evaluation, stopping, checkpoints) sits around it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -25,6 +26,8 @@ from .batching import DatasetBatches, LoaderBatches, TensorBatches, as_tensors
 from .config import TrainConfig
 from .device import autocast_context, peak_memory_bytes, reset_peak_memory, resolve_device, resolve_precision
 from .diagnostics import OnlineNoiseScale, squared_grad_norm
+from .distributed import StopAgreed
+from .distributed import resolve as resolve_distributed
 from .history import History
 from .norms import warn_accumulation_with_bn
 from .optim import LAMB, LARS, add_gradient_noise, gradient_noise_std
@@ -120,6 +123,10 @@ class Trainer:
         config: a ``TrainConfig``; keyword options override its fields or build one.
         eval_data: what ``evaluate`` and the evaluations during ``fit`` use; defaults to the
             test split of a DataBundle, else none.
+        distributed: ``"auto"`` (data-parallel under torchrun or in an initialised process
+            group of several processes), ``False``, ``True``, or an
+            ``nbbatch.distributed.Distributed(...)``; see ``nbbatch.distributed``. Data-parallel,
+            ``batch_size`` is the global batch and callbacks run on rank 0 only.
         **options: any ``TrainConfig`` field (batch_size, lr, optimizer, accumulate, ...).
 
     Example:
@@ -131,7 +138,8 @@ class Trainer:
         0.45
     """
 
-    def __init__(self, model: nn.Module, data, config: TrainConfig | None = None, *, eval_data=None, **options):
+    def __init__(self, model: nn.Module, data, config: TrainConfig | None = None, *, eval_data=None,
+                 distributed="auto", **options):
         # ---- validate everything before any state changes -----------------------------------
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -145,7 +153,10 @@ class Trainer:
         if isinstance(data, DataLoader) and data.batch_size not in (None, cfg.batch_size):
             raise ValueError(f"batch_size={cfg.batch_size} differs from the DataLoader's batch_size={data.batch_size}; "
                              f"the loader's batches are the optimizer batches")
+        dist_ctx = resolve_distributed(distributed)
         device = resolve_device(cfg.device)
+        if dist_ctx is not None:
+            device = dist_ctx.pick_device(cfg.device, device)
         precision = resolve_precision(cfg.precision, device)
         train_xy, eval_xy, spec = _split_data(data, eval_data)
         n_train = len(train_xy[0]) if train_xy is not None else _length(data)
@@ -161,7 +172,10 @@ class Trainer:
         _check_fit(model, loss_fn, cfg.loss, sample[0][:2], sample[1][:2],
                    all_labels=train_xy[1] if train_xy is not None else None)
         optimizer = _build_optimizer(cfg, model.parameters())   # a bad factory fails here, before any change
-        forward = checkpointed(model, cfg.checkpoint_segments)  # the model itself, or checkpointed chunks of it
+        checkpointed(model, cfg.checkpoint_segments)  # checks the option (an nn.Sequential is needed)
+        if dist_ctx is not None:   # the split and the agreement of all ranks, still before any change
+            source = "tensors" if train_xy is not None else ("loader" if isinstance(data, DataLoader) else "dataset")
+            dist_ctx.check(cfg, n_train, model, device, source, train_xy)
 
         # ---- build --------------------------------------------------------------------------
         # Accumulating over batch norm normalises each micro-batch on its own: say so, once.
@@ -173,9 +187,11 @@ class Trainer:
         if cfg.seed is not None:
             torch.manual_seed(cfg.seed)
         data_seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+        if dist_ctx is not None:
+            data_seed = dist_ctx.shared_seed(data_seed)   # one permutation for all ranks
+            model = dist_ctx.convert_batchnorm(model)
         before = list(model.parameters())
         self.model = model.to(device)
-        self._forward = forward
         if train_xy is not None:
             self._train = TensorBatches(train_xy[0], train_xy[1], device, cfg.batch_size, cfg.drop_last,
                                         data_seed, on_device=cfg.data_on_device)
@@ -183,6 +199,12 @@ class Trainer:
             self._train = LoaderBatches(data, device)
         else:
             self._train = DatasetBatches(data, device, cfg.batch_size, cfg.drop_last, data_seed)
+        self._dist = dist_ctx
+        # What the training forward calls: the model, or checkpointed chunks of it; DDP when data-parallel.
+        self._net = checkpointed(self.model, cfg.checkpoint_segments)
+        if dist_ctx is not None:
+            self._train = dist_ctx.shard(self._train)   # this rank's share of each global batch
+            self._net = dist_ctx.wrap(self._net, device)
         self._eval_data = eval_xy
         self._eval_cache = None
         self.loss_fn = loss_fn
@@ -248,7 +270,24 @@ class Trainer:
         """Ask a running ``fit`` to stop after the current optimizer step (safe from any thread)."""
         self._stop_requested = True
 
+    @property
+    def rank(self) -> int:
+        """This process's rank (0 without data parallelism)."""
+        return self._dist.rank if self._dist is not None else 0
+
+    @property
+    def world_size(self) -> int:
+        """Processes training together (1 without data parallelism)."""
+        return self._dist.world_size if self._dist is not None else 1
+
+    @property
+    def is_main_process(self) -> bool:
+        """True on the process that prints, plots and writes checkpoints (rank 0)."""
+        return self.rank == 0
+
     def _trigger(self, event: str, row: dict) -> None:
+        if self._dist is not None and not self._dist.is_main:
+            return   # data-parallel: prints and plots come from rank 0 only
         for fn in self._callbacks[event]:
             fn(self, row)
 
@@ -299,32 +338,47 @@ class Trainer:
         t0 = time.perf_counter()
         xb, yb = self._next_batch()                          # 1. the batch, already on the device
         n = xb.shape[0]
+        world = 1
+        if self._dist is not None:                            # xb is this rank's share of a global batch of n
+            n, world = self._train.last_global_n, self._dist.world_size
         lr = self._schedule(self.step_count)                  # 2. the scheduled lr (pure in the step)
         if lr != self._current_lr:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self._current_lr = lr
         self.optimizer.zero_grad(set_to_none=True)
-        k = min(self.config.accumulate, n)                    # a short last batch may hold fewer examples
-        noise_due = self._noise is not None and self._noise.due(self.step_count) and n > 1
+        k = min(self.config.accumulate, xb.shape[0])          # a short last batch may hold fewer examples
+        noise_due = self._noise is not None and self._noise.due(self.step_count) and xb.shape[0] > 1
         if noise_due and k == 1:
             k = 2   # the estimate needs a smaller batch: two half-batches (the same update up to rounding)
         micro = zip(xb.tensor_split(k), yb.tensor_split(k)) if k > 1 else ((xb, yb),)
         total = None
         sq_small = None
-        for xm, ym in micro:                                  # 3. forward + backward per micro-batch
-            with self._autocast:
-                loss = self.loss_fn(self._forward(xm), ym)
-            if k > 1:
-                # Each micro-batch loss is a mean over its m examples; weighting it by m/n makes the
-                # summed gradients those of the mean over all n examples, so K micro-batches give
-                # exactly the update of one batch (uneven splits included).
-                loss = loss * (xm.shape[0] / n)
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            total = loss if total is None else total.detach() + loss.detach()
+        for i, (xm, ym) in enumerate(micro):                  # 3. forward + backward per micro-batch
+            last = i == k - 1
+            with self._sync(last):                            # data-parallel: all-reduce on the last only
+                with self._autocast:
+                    loss = self.loss_fn(self._net(xm), ym)
+                if k > 1 or world > 1:
+                    # Each micro-batch loss is a mean over its m examples; weighting it by m/n makes the
+                    # summed gradients those of the mean over all n examples, so K micro-batches give
+                    # exactly the update of one batch (uneven splits included). Over W processes the
+                    # weight is m*W/n, because DDP divides the summed gradients by W.
+                    loss = loss * ((xm.shape[0] * world) / n)
+                total = loss.detach() if total is None else total + loss.detach()
+                if last and self._dist is not None:           # the loss and a stop request ride on DDP's
+                    self._dist.attach(total, self._stop_requested)   # gradient all-reduce
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             if noise_due and sq_small is None:
-                # .grad now holds (m/n) * g_small, the first micro-batch's mean gradient, weighted
-                sq_small, b_small = squared_grad_norm(self._params) * (n / xm.shape[0]) ** 2, xm.shape[0]
+                # .grad now holds (m*W/n) * g_small, the first micro-batch's mean gradient, weighted
+                # (not yet all-reduced: the first micro-batch runs under no_sync when data-parallel)
+                b_small = xm.shape[0]
+                sq_small = squared_grad_norm(self._params) * (n / (b_small * world)) ** 2
+        if self._dist is not None:
+            total, stop = self._dist.collect()                # the global batch's loss, on every rank
+            if stop:                                          # some rank asked to stop: no rank updates
+                self._stop_requested = True
+                raise StopAgreed
         loss_value, grads_finite = self._read_loss_and_check_grads(total)
         if not (grads_finite and math.isfinite(loss_value)):  # 4. never apply a non-finite update
             self._diverged(loss_value, lr)
@@ -369,6 +423,9 @@ class Trainer:
             self._trigger("step_end", row)
         return row
 
+    def _sync(self, last: bool):
+        return self._dist.sync_context(self._net, last) if self._dist is not None else contextlib.nullcontext()
+
     def _read_loss_and_check_grads(self, loss: torch.Tensor) -> tuple[float, bool]:
         """The step's loss as a float, and whether every gradient is finite (one device sync)."""
         if self.scaler is not None:
@@ -398,6 +455,7 @@ class Trainer:
 
     def step(self) -> dict:
         """Run exactly one optimizer step (for interactive use) and return its history row."""
+        self._stop_requested = False
         self._get_schedule(self._horizon)
         return self._guarded_step()
 
@@ -448,11 +506,15 @@ class Trainer:
             eval_every = self.config.eval_every
             can_eval = self._eval_data is not None
             while self.step_count < end:
-                if self._stop_requested:
+                if self._stop_requested and self._dist is None:
                     reason = "interrupted" if self._interrupted else "stopped"
                     break
                 epoch_before = self.epoch
-                row = self._guarded_step()
+                try:
+                    row = self._guarded_step()
+                except StopAgreed:   # data-parallel: every rank learnt of a stop request in the same step
+                    reason = "interrupted" if self._interrupted else "stopped"
+                    break
                 if target is not None and target.metric == "loss" and target.reached(row["loss"]):
                     reason = "target"
                     break
@@ -672,7 +734,14 @@ class Trainer:
             torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write a checkpoint atomically (a temporary file renamed into place)."""
+        """Write a checkpoint atomically (a temporary file renamed into place).
+
+        Data-parallel, rank 0 writes and the other ranks return at once, so calling it on every
+        rank and calling it on rank 0 alone both work; ``Trainer.load`` waits for all ranks
+        before it reads, so a file saved just before is complete.
+        """
+        if self._dist is not None and not self._dist.is_main:
+            return
         path = os.fspath(path)
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
@@ -689,13 +758,18 @@ class Trainer:
             raise
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model: nn.Module, data=None, *, eval_data=None, **overrides) -> "Trainer":
+    def load(cls, path: str | os.PathLike, model: nn.Module, data=None, *, eval_data=None, distributed="auto",
+             **overrides) -> "Trainer":
         """Rebuild a trainer from a checkpoint written by ``save`` and continue with ``fit()``.
 
         The checkpoint is read with ``weights_only=True``: a file that would run code when
         unpickled is refused. ``data`` may be left out when the run used a built-in dataset.
         Options that were custom callables (optimizer factory, loss, metrics) must be passed again.
+        A data-parallel run resumes on any number of processes (every rank reads the file).
         """
+        ctx = resolve_distributed(distributed)
+        if ctx is not None:
+            ctx.barrier()   # rank 0 may have just written the file
         state = read_checkpoint(path)
         cfg = TrainConfig.from_dict(state["config"], **overrides)
         if data is None:
@@ -704,7 +778,7 @@ class Trainer:
                 raise ValueError("the checkpoint's data was not a built-in dataset: pass data=... to Trainer.load")
             from .data import load_dataset
             data = load_dataset(spec)
-        trainer = cls(model, data, cfg, eval_data=eval_data)
+        trainer = cls(model, data, cfg, eval_data=eval_data, distributed=distributed)
         trainer.load_state_dict(state)
         return trainer
 
