@@ -73,6 +73,8 @@ CASES = [
     dict(batch_size=40, steps=7, accumulate=2),                    # accumulation: no_sync on the first micro-batch
     dict(batch_size=48, steps=6, as_dataset=True, n=150),          # the map-style Dataset path; last batch 6 -> 3 + 3
     dict(batch_size=64, steps=5, data_on_device=False, new_group=True),   # a ProcessGroup object given explicitly
+    dict(batch_size=40, steps=6, checkpoint_segments=2, noise_scale_every=2),   # checkpointed forward under DDP;
+                                                                   # measured steps split in two halves
 ]
 
 
