@@ -58,7 +58,7 @@ class TensorBatches:
             if device.type == "cuda":
                 self.x, self.y = self.x.pin_memory(), self.y.pin_memory()
         self.steps_per_epoch = num_batches(self.n, batch_size, drop_last)
-        self._perm_epoch = None
+        self._perm_key = None   # (seed, epoch) of the cached permutation: a new seed on resume invalidates it
         self._perm = None
 
     def whole(self):
@@ -66,10 +66,10 @@ class TensorBatches:
         return self.x, self.y
 
     def permutation(self, epoch: int) -> torch.Tensor:
-        if self._perm_epoch != epoch:
+        if self._perm_key != (self.seed, epoch):
             perm = epoch_permutation(self.n, self.seed, epoch)
             self._perm = perm.to(self.x.device)
-            self._perm_epoch = epoch
+            self._perm_key = (self.seed, epoch)
         return self._perm
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -374,38 +374,30 @@ def _share(idx: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return idx.tensor_split(world)[rank]
 
 
-class ShardedTensorBatches:
-    """In-memory tensors: the global batch's indices, then this rank's share (rows gathered locally).
+class _Shard:
+    """This rank's share of each global batch of an inner batch source (same seed, same epochs)."""
 
-    ``last_global_n`` is the size of the global batch the latest share came from.
-    """
-
-    kind = "tensors"
-
-    def __init__(self, inner: TensorBatches, rank: int, world: int):
+    def __init__(self, inner, rank: int, world: int):
         self.inner, self.rank, self.world = inner, rank, world
         self.n, self.batch_size, self.steps_per_epoch = inner.n, inner.batch_size, inner.steps_per_epoch
-        self.last_global_n = None
+        self.last_global_n = None   # the size of the global batch the latest share came from
 
-    # the trainer resets these on resume
     @property
-    def seed(self):
+    def seed(self):   # the trainer sets it on resume
         return self.inner.seed
 
     @seed.setter
     def seed(self, value):
         self.inner.seed = value
 
-    @property
-    def _perm_epoch(self):
-        return self.inner._perm_epoch
-
-    @_perm_epoch.setter
-    def _perm_epoch(self, value):
-        self.inner._perm_epoch = value
-
     def whole(self):
         return self.inner.whole()
+
+
+class ShardedTensorBatches(_Shard):
+    """In-memory tensors: the global batch's indices, then this rank's share (rows gathered locally)."""
+
+    kind = "tensors"
 
     def batches(self, epoch: int, start: int = 0):
         inner = self.inner
@@ -422,26 +414,10 @@ class ShardedTensorBatches:
                        inner.y[mine].pin_memory().to(inner.device, non_blocking=True))
 
 
-class ShardedDatasetBatches:
+class ShardedDatasetBatches(_Shard):
     """A map-style Dataset: each rank reads only its share of each global batch."""
 
     kind = "dataset"
-
-    def __init__(self, inner: DatasetBatches, rank: int, world: int):
-        self.inner, self.rank, self.world = inner, rank, world
-        self.n, self.batch_size, self.steps_per_epoch = inner.n, inner.batch_size, inner.steps_per_epoch
-        self.last_global_n = None
-
-    @property
-    def seed(self):
-        return self.inner.seed
-
-    @seed.setter
-    def seed(self, value):
-        self.inner.seed = value
-
-    def whole(self):
-        return self.inner.whole()
 
     def batches(self, epoch: int, start: int = 0):
         from torch.utils.data import default_collate

@@ -716,8 +716,6 @@ class Trainer:
         self.examples_seen, self.train_time = p["examples"], p["train_time"]
         self._data_seed = p["data_seed"]
         self._train.seed = p["data_seed"]
-        if hasattr(self._train, "_perm_epoch"):
-            self._train._perm_epoch = None
         self._horizon, self._plan_end = p["horizon"], p["plan_end"]
         self._plan_until = Target(**p["plan_until"]) if p.get("plan_until") else None
         self._schedule = None

@@ -28,3 +28,14 @@ def test_tensor_batches_cover_each_epoch_once_and_resume_mid_epoch():
     tail = list(src.batches(epoch=2, start=1))
     assert all(torch.equal(a[1], b[1]) for a, b in zip(tail, batches[1:]))
     assert torch.equal(batches[0][0][:, 0].long(), batches[0][1])   # inputs and labels stay paired
+
+
+def test_a_new_seed_gives_the_new_seeds_permutation():
+    """Resuming sets the source's seed; a permutation cached under the old seed must not be reused."""
+    from nbbatch.batching import TensorBatches, epoch_permutation
+    x, y = torch.arange(10.0).unsqueeze(1), torch.arange(10)
+    src = TensorBatches(x, y, torch.device("cpu"), batch_size=4, drop_last=False, seed=1)
+    assert torch.equal(src.permutation(0), epoch_permutation(10, 1, 0))
+    src.seed = 2
+    assert torch.equal(src.permutation(0), epoch_permutation(10, 2, 0))
+    assert not torch.equal(epoch_permutation(10, 1, 0), epoch_permutation(10, 2, 0))
