@@ -30,6 +30,9 @@ from .schedules import Schedule, scale_lr
 EVENTS = ("fit_start", "step_end", "eval_end", "fit_end")
 CHECKPOINT_VERSION = 1
 DEFAULT_UNTIL_EPOCHS = 100
+RESCHEDULE_OPTIONS = ("lr", "scale_rule", "base_batch_size", "warmup", "warmup_steps", "warmup_epochs",
+                      "warmup_start", "decay", "total_steps", "total_epochs", "decay_steps", "decay_epochs",
+                      "decay_gamma", "min_lr_factor")
 
 
 class DivergenceError(RuntimeError):
@@ -236,6 +239,41 @@ class Trainer:
     def request_stop(self) -> None:
         """Ask a running ``fit`` to stop after the current optimizer step (safe from any thread)."""
         self._stop_requested = True
+
+    def reschedule(self, **changes) -> None:
+        """Change learning-rate options mid-run (lr, warm-up, decay); the very next step uses them.
+
+        Only the options that shape ``lr(step)`` may change (``RESCHEDULE_OPTIONS``). The new
+        values are validated, and the new schedule built and checked against the run's length,
+        before anything changes: on an error the old schedule stays. Call it between steps
+        (from a ``step_end`` callback, or while no ``fit`` runs).
+
+        Example:
+            >>> from nbbatch import Trainer, data, models
+            >>> t = Trainer(models.MLP(), data.mnist1d(num_samples=200), batch_size=32, lr=0.1)
+            >>> t.reschedule(lr=0.02); round(t.lr, 4)
+            0.02
+        """
+        unknown = set(changes) - set(RESCHEDULE_OPTIONS)
+        if unknown:
+            raise ValueError(f"reschedule: {sorted(unknown)} cannot change mid-run; "
+                             f"it accepts {list(RESCHEDULE_OPTIONS)}")
+        cfg = self.config.replace(**changes)
+        old = self.config, self.peak_lr
+        self.config = cfg
+        self.peak_lr = scale_lr(cfg.lr, cfg.batch_size, cfg.base_batch_size or cfg.batch_size, cfg.scale_rule)
+        try:
+            schedule = None
+            if self._schedule is not None:
+                schedule = self._build_schedule(self._horizon)
+                if schedule.warmup != "none" and self._horizon is not None and schedule.warmup_steps > self._horizon:
+                    raise ValueError(f"the warm-up ({schedule.warmup_steps} steps) is longer than the run "
+                                     f"({self._horizon} steps); shorten warmup_steps/warmup_epochs")
+        except BaseException:
+            self.config, self.peak_lr = old
+            raise
+        if schedule is not None:
+            self._schedule = schedule
 
     def _trigger(self, event: str, row: dict) -> None:
         for fn in self._callbacks[event]:
