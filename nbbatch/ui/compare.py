@@ -30,8 +30,9 @@ def build_trainer(data, *, seed: int = 0, model: str = "mlp", norm: str = "none"
     from ..models import make_model
     from ..trainer import Trainer
 
-    if "warmup" not in options and warmup_steps:
-        options.update(warmup="linear", warmup_steps=int(warmup_steps))
+    if warmup_steps:
+        options.setdefault("warmup", "linear")
+        options["warmup_steps"] = warmup_steps
     torch.manual_seed(seed)
     net = make_model(model, data, norm=norm)
     return Trainer(net, data, device=device, seed=seed, **options)
@@ -161,7 +162,7 @@ class RunComparison:
         return done
 
     def _on_run_change(self) -> None:
-        if not self.controller.running and not self.headless:
+        if not self.controller.active and not self.headless:
             self._refresher.final()
 
     def _draw(self) -> None:

@@ -67,7 +67,8 @@ class RunController:
         self.labels = labels
         self.interleave = interleave
         self.errors: list[RunError] = []        # every error of every run, oldest first
-        self.messages: list[str] = []           # what was refused (bad reschedule values, ...)
+        self.rejected: list[RunError] = []      # queued changes the trainer refused (kept, with the error)
+        self.messages: list[str] = []           # failures of on_change listeners
         self._cond = threading.Condition()
         self._threads: list[threading.Thread] = []
         self._active: set[int] = set()          # runs whose fit is still going
@@ -83,6 +84,7 @@ class RunController:
         self._stop_steps: list[int] | None = None
         self._listeners: list[Callable[[], None]] = []
         self._last_errors: list[RunError] = []  # errors of the latest start()
+        self._waiting: set[int] = set()         # runs blocked between two steps
         self._stopped_last = False
         self._callbacks = [self._make_callback(i) for i in range(len(trainers))]
         for t, cb in zip(trainers, self._callbacks):
@@ -94,6 +96,11 @@ class RunController:
     def running(self) -> bool:
         """True while any training thread is alive."""
         return any(th.is_alive() for th in self._threads)
+
+    @property
+    def active(self) -> int:
+        """How many runs of the current segment are still training (0 once all have ended)."""
+        return len(self._active)
 
     @property
     def ends(self) -> list:
@@ -197,6 +204,15 @@ class RunController:
             raise
         return not self.running
 
+    def wait_paused(self, timeout: float | None = None) -> bool:
+        """After ``pause()``: wait until every run is held between two steps; True if so.
+
+        From then on ``step_count`` does not change until ``resume()`` or ``stop()``.
+        """
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._paused or not self._active
+                                       or self._active <= self._waiting, timeout)
+
     def pause(self) -> None:
         """Hold every run after its current step (resumable with ``resume``)."""
         with self._cond:
@@ -224,18 +240,28 @@ class RunController:
         """Change lr / warm-up / decay of one run (or all): applied before the very next step.
 
         Changes are validated at once against each trainer's config (a bad value raises here and
-        nothing is queued); a change the running trainer still refuses (a warm-up longer than
-        the run) is reported in ``messages`` and the old schedule stays.
+        nothing is queued). While nothing trains they are applied at once, and a change the
+        trainer refuses (a warm-up longer than the run) raises. While training they are queued;
+        a change the trainer then refuses is kept in ``rejected`` and the old schedule stays.
         """
         runs = self._runs(run)
         for i in runs:
             self.trainers[i].config.replace(**changes)   # validate now: raises before queueing
         with self._cond:
-            for i in runs:
-                self._pending[i].update(changes)
-            if not self.running:
+            if self.running:
                 for i in runs:
-                    self._apply_pending(i)
+                    self._pending[i].update(changes)
+                return
+            done = []
+            try:
+                for i in runs:
+                    old = {k: getattr(self.trainers[i].config, k) for k in changes}
+                    self.trainers[i].reschedule(**changes)
+                    done.append((i, old))
+            except BaseException:
+                for i, old in done:   # all or nothing across runs: the old values rebuild the old schedule
+                    self.trainers[i].reschedule(**old)
+                raise
 
     def checkpoint(self, path, run: int = 0) -> None:
         """Save run ``run`` to ``path`` between steps (at once when idle)."""
@@ -284,7 +310,7 @@ class RunController:
             try:
                 self.trainers[i].reschedule(**changes)
             except (ValueError, TypeError) as err:
-                self.messages.append(f"{self.labels[i]}: {err}")
+                self.rejected.append(RunError(i, self.labels[i], err))
         keep = []
         for j, path in self._pending_ckpt:
             if j != i:
@@ -293,7 +319,7 @@ class RunController:
             try:
                 self.trainers[i].save(path)
             except OSError as err:
-                self.messages.append(f"{self.labels[i]}: checkpoint failed: {err}")
+                self.rejected.append(RunError(i, self.labels[i], err))
         self._pending_ckpt = keep
 
     def _make_callback(self, i: int):
@@ -303,8 +329,13 @@ class RunController:
                     self._turn = self._next_turn(i)
                     self._cond.notify_all()
                 # wait for our turn (and for resume); a stop releases everyone at once
-                while not self._stop and (self._paused or self._turn != i):
-                    self._cond.wait()
+                self._waiting.add(i)
+                self._cond.notify_all()
+                try:
+                    while not self._stop and (self._paused or self._turn != i):
+                        self._cond.wait()
+                finally:
+                    self._waiting.discard(i)
                 if self._stop:
                     trainer.request_stop()
                 else:

@@ -57,7 +57,7 @@ def default_builder(data=None, seed: int = 0, device: str = "auto", **options) -
             cache["data"] = data if data is not None else data_mod.mnist1d()
         return build_trainer(cache["data"], seed=seed, model=model, norm=norm, batch_size=batch_size, lr=lr,
                              optimizer=optimizer, accumulate=accumulate, precision=precision, device=device,
-                             **_warmup_options(warmup_steps), **options)
+                             warmup_steps=warmup_steps, **options)
 
     return build
 
@@ -220,9 +220,9 @@ class TrainingPanel:
         for e in c.errors[self._seen_errors:]:
             self._record_error(e.error, "training stopped with an error")
         self._seen_errors = len(c.errors)
-        for m in c.messages[self._seen_messages:]:
-            self._show(f"refused: {m}", error=True)
-        self._seen_messages = len(c.messages)
+        for e in c.rejected[self._seen_messages:]:
+            self._record_error(e.error, "refused, the old setting stays")
+        self._seen_messages = len(c.rejected)
 
     def _update_status(self) -> None:
         t = self.trainer
@@ -315,7 +315,7 @@ class TrainingPanel:
 
     def _on_run_change(self) -> None:
         # from the training thread when a run starts or ends: the last frame is drawn here
-        if self.controller is not None and not self.controller.running and not self.headless:
+        if self.controller is not None and not self.controller.active and not self.headless:
             self._refresher.final()
 
     # ------------------------------------------------------------------ buttons
