@@ -170,7 +170,7 @@ class RunComparison:
         rows = []
         for label, t in zip(self.labels, self.trainers):
             ev = t.history.evals.last() or {}
-            acc = ", ".join(f"{k[5:]} {v:.3f}" for k, v in ev.items() if k.startswith("eval_") and isinstance(v, float))
+            acc = ", ".join(f"{k[5:]} {v:.3f}" for k, v in sorted(ev.items()) if k.startswith("eval_") and isinstance(v, float))
             rows.append(f"{html.escape(label)}: step {t.step_count}, {t.train_time:.1f} s {acc}")
         self.status.value = f"<b>{self.controller.state}</b><br>" + "<br>".join(rows)
         errs = self.controller.errors
@@ -189,7 +189,7 @@ class RunComparison:
         for label, t in zip(self.labels, self.trainers):
             row = {"run": label, "steps": t.step_count, "examples": t.examples_seen, "seconds": round(t.train_time, 2)}
             ev = t.history.evals.last() or {}
-            row.update({k: round(v, 3) for k, v in ev.items() if k.startswith("eval_") and isinstance(v, float)})
+            row.update({k: round(v, 3) for k, v in sorted(ev.items()) if k.startswith("eval_") and isinstance(v, float)})
             out.append(row)
         return out
 

@@ -243,7 +243,7 @@ class TrainingPanel:
         ev = t.history.evals.last()
         metric = ""
         if ev:
-            metric = " | " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in ev.items() if k.startswith("eval_") and isinstance(v, float))
+            metric = " | " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in sorted(ev.items()) if k.startswith("eval_") and isinstance(v, float))
         self.status.value = (f"<b>{state}</b> | {html.escape(describe_device(t.device))} | "
                              f"step <b class='nbbatch-step'>{t.step_count}</b> | epoch {t.epoch} | "
                              f"lr {t.lr:.4g} | {rate or '-'} examples/s | {mem}{metric}")
@@ -428,5 +428,5 @@ class TrainingPanel:
                "lr": round(t.lr, 6)}
         ev = t.history.evals.last()
         if ev:
-            out.update({k: round(v, 3) for k, v in ev.items() if k.startswith("eval_") and isinstance(v, float)})
+            out.update({k: round(v, 3) for k, v in sorted(ev.items()) if k.startswith("eval_") and isinstance(v, float)})
         return out
