@@ -250,14 +250,15 @@ def test_live_panel_stop_pause_and_checkpoint(small, tmp_path):
         wait_for(lambda: p.trainer.step_count > k + 1)
         assert (tmp_path / "run.pt").exists()
         p.stop_button.click()
+        # the training thread draws the final frame when the run ends: it must say "stopped"
+        wait_for(lambda: p._refresher.final_frames >= 1)
+        assert "stopped" in p.status.value
+        assert p.image.value[:4] == b"\x89PNG" and p._refresher.frames >= 1
         assert p.wait(TIMEOUT)
         assert p.controller.stop_latency[-1]["steps"] <= 1
         check_history(p.trainer.history)
         saved = Trainer.load(tmp_path / "run.pt", models.MLP(), small)
         assert saved.step_count == k
-        wait_for(lambda: p._refresher._thread is None)   # the final frame is drawn when the run ends
-        assert p.image.value[:4] == b"\x89PNG" and p._refresher.frames >= 1
-        assert "stopped" in p.status.value
     finally:
         p.close()
 
@@ -403,6 +404,6 @@ def test_refresher_keeps_errors_and_draws_a_final_frame():
     r.start()
     wait_for(lambda: len(calls) >= 2)
     r.final()
-    assert r._thread is None and isinstance(r.errors[0], RuntimeError) and r.frames == len(calls) - 1
+    assert r.final_frames == 1 and r._thread is None and isinstance(r.errors[0], RuntimeError) and r.frames == len(calls) - 1
     with pytest.raises(ValueError, match="refresh interval"):
         Refresher(draw, interval=0)

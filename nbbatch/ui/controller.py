@@ -94,8 +94,8 @@ class RunController:
     # ------------------------------------------------------------------ state
     @property
     def running(self) -> bool:
-        """True while any training thread is alive."""
-        return any(th.is_alive() for th in self._threads)
+        """True from ``start()`` until every run of the segment has ended (its fit returned)."""
+        return bool(self._active)
 
     @property
     def active(self) -> int:
@@ -202,7 +202,7 @@ class RunController:
             for th in list(self._threads):
                 th.join()
             raise
-        return not self.running
+        return not any(th.is_alive() for th in self._threads)
 
     def wait_paused(self, timeout: float | None = None) -> bool:
         """After ``pause()``: wait until every run is held between two steps; True if so.

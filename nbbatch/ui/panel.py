@@ -76,7 +76,7 @@ class TrainingPanel:
         build: ``build(**values) -> Trainer`` called with the panel's values (keys of
             ``DEFAULTS``); default: the reference models on ``data`` (``default_builder``).
         data: the dataset of the default builder (default mnist1d).
-        epochs: training length of one Train press.
+        epochs: training length of one Train press (also a control of the panel).
         headless: True for scripts and nbval: Train blocks until the run ends, no live redraws.
         refresh: seconds between live-figure frames (coalesced; see ``Refresher``).
         checkpoint_path: where Checkpoint saves.
@@ -167,6 +167,10 @@ class TrainingPanel:
             b.layout = W.Layout(width="110px")
             b.add_class(f"nbbatch-{cls}")
         self.lr_w.add_class("nbbatch-lr")
+        self.epochs_w = W.BoundedFloatText(value=self.epochs, min=0.01, max=100_000, description="epochs / Train",
+                                           style=style, layout=lay)
+        self.epochs_w.add_class("nbbatch-epochs")
+        self.epochs_w.observe(lambda ch: setattr(self, "epochs", ch["new"]), names="value")
         self.train_button.on_click(lambda _: self.train())
         self.pause_button.on_click(lambda _: self.toggle_pause())
         self.stop_button.on_click(lambda _: self.stop())
@@ -184,7 +188,7 @@ class TrainingPanel:
         self.message.add_class("nbbatch-message")
         self.image = W.Image(format="png", layout=W.Layout(width="100%", max_width="900px"))
         left = W.VBox([self.model_w, self.norm_w, self.batch_size_w, self.lr_w])
-        right = W.VBox([self.warmup_w, self.optimizer_w, self.accumulate_w, self.precision_w])
+        right = W.VBox([self.warmup_w, self.optimizer_w, self.accumulate_w, self.precision_w, self.epochs_w])
         buttons = W.HBox([self.train_button, self.pause_button, self.stop_button, self.checkpoint_button,
                           self.reset_button])
         self.widget = W.VBox([W.HBox([left, right]), buttons, self.progress, self.status, self.message, self.image])

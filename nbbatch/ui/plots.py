@@ -168,6 +168,7 @@ class Refresher:
         self._quit = False
         self._thread: threading.Thread | None = None
         self.frames = 0
+        self.final_frames = 0
         self.errors: list[BaseException] = []
 
     def start(self) -> None:
@@ -206,3 +207,4 @@ class Refresher:
         """Stop the thread and draw the last frame."""
         self.stop()
         self._frame()
+        self.final_frames += 1
