@@ -11,6 +11,7 @@ import dataclasses
 import math
 import os
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -422,7 +423,8 @@ class Trainer:
             raise
 
     # ------------------------------------------------------------------ fit
-    def fit(self, epochs: float | None = None, steps: int | None = None, until=None) -> History:
+    def fit(self, epochs: float | None = None, steps: int | None = None, until=None,
+            progress: bool | None = None) -> History:
         """Train and return the History.
 
         ``epochs`` and ``steps`` count from where the trainer stands (calling ``fit(epochs=1)``
@@ -433,7 +435,13 @@ class Trainer:
 
         A ``request_stop()`` or a KeyboardInterrupt (Jupyter's interrupt) ends the run after
         the current step, leaving a consistent, resumable trainer; the interrupt is re-raised.
+
+        ``progress`` shows a tqdm bar (``tqdm.auto``: a widget in notebooks, text in terminals);
+        the default shows it in a terminal, or wherever ``NBBATCH_PROGRESS=1``, and never
+        outside the main thread or with ``NBBATCH_PROGRESS=0`` (headless runs).
         """
+        if progress is not None and not isinstance(progress, bool):
+            raise TypeError(f"progress must be True, False or None, got {progress!r}")
         end, target = self._plan(epochs, steps, until)
         horizon = self._horizon if self._horizon is not None else end
         schedule = self._schedule if self._schedule is not None else self._build_schedule(horizon)
@@ -447,6 +455,7 @@ class Trainer:
         self._interrupted = False
         reset_peak_memory(self.device)
         previous_handler = self._install_interrupt_handler()
+        bar = _progress_bar(progress, end - self.step_count)
         reason = "completed"
         try:
             self._trigger("fit_start", {})
@@ -459,6 +468,10 @@ class Trainer:
                     break
                 epoch_before = self.epoch
                 row = self._guarded_step()
+                if bar is not None:
+                    bar.update(1)
+                    if self.step_count % 50 == 0:
+                        bar.set_postfix(loss=f"{row['loss']:.4g}", refresh=False)
                 if target is not None and target.metric == "loss" and target.reached(row["loss"]):
                     reason = "target"
                     break
@@ -483,6 +496,8 @@ class Trainer:
             reason = "diverged"
             raise
         finally:
+            if bar is not None:
+                bar.close()
             self._restore_interrupt_handler(previous_handler)
             if reason in ("completed", "target"):
                 self._plan_end = None
@@ -733,6 +748,22 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 
 
 # ---------------------------------------------------------------------- helpers
+def _progress_bar(progress: bool | None, total: int):
+    """A tqdm bar for ``fit``, or None (see ``fit``'s ``progress``)."""
+    if progress is None:
+        setting = os.environ.get("NBBATCH_PROGRESS", "").strip().lower()
+        if setting in ("0", "false", "off", "no") or threading.current_thread() is not threading.main_thread():
+            return None
+        progress = setting in ("1", "true", "on", "yes") or sys.stderr.isatty()
+    if not progress:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:   # tqdm is a dependency; a broken install only loses the bar
+        return None
+    return tqdm(total=total, unit="step", mininterval=0.5, dynamic_ncols=True)
+
+
 def _flag_nonfinite(tensors: list[torch.Tensor], found: torch.Tensor, one: torch.Tensor) -> None:
     """Set ``found`` to 1 when any element of ``tensors`` is inf or nan (one fused pass where torch has it)."""
     if not tensors:

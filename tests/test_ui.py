@@ -407,3 +407,32 @@ def test_refresher_keeps_errors_and_draws_a_final_frame():
     assert r.final_frames == 1 and r._thread is None and isinstance(r.errors[0], RuntimeError) and r.frames == len(calls) - 1
     with pytest.raises(ValueError, match="refresh interval"):
         Refresher(draw, interval=0)
+
+
+# ---------------------------------------------------------------------- Trainer.fit progress bar
+def test_fit_progress_bar_flag_and_environment(small, capsys, monkeypatch):
+    monkeypatch.delenv("NBBATCH_PROGRESS", raising=False)
+    a = make_trainer(small)
+    a.fit(steps=10, progress=True)
+    err = capsys.readouterr().err
+    assert "10/10" in err and "step" in err
+    b = make_trainer(small)
+    b.fit(steps=10)                           # default: off when stderr is not a terminal
+    assert capsys.readouterr().err == ""
+    assert b.history.steps["loss"] == a.history.steps["loss"]   # the bar does not change training
+    monkeypatch.setenv("NBBATCH_PROGRESS", "1")
+    b.fit(steps=5)
+    assert "5/5" in capsys.readouterr().err
+    monkeypatch.setenv("NBBATCH_PROGRESS", "0")
+    b.fit(steps=5)
+    assert capsys.readouterr().err == ""
+    with pytest.raises(TypeError, match="progress"):
+        b.fit(steps=5, progress="yes")
+    assert b.step_count == 20
+
+
+def test_panel_runs_have_no_progress_bar(small, capsys, monkeypatch):
+    monkeypatch.setenv("NBBATCH_PROGRESS", "1")   # even when asked for: never from the training thread
+    p = TrainingPanel(data=small, epochs=1, headless=True, values={"batch_size": 100})
+    p.train_button.click()
+    assert p.trainer.step_count == 8 and capsys.readouterr().err == ""
