@@ -95,7 +95,7 @@ class RunComparison:
         self.controller = RunController(trainers, labels=labels, interleave=interleave)
         self.controller.on_change(self._on_run_change)
         self._figure = LiveFigure(labels)
-        self._refresher = Refresher(self._draw, interval=refresh)
+        self._refresher = Refresher(self._draw, interval=refresh, tick=self._tick)
         W = widgets
         self.train_button = W.Button(description="Train", button_style="success", icon="play")
         self.pause_button = W.Button(description="Pause", icon="pause")
@@ -167,6 +167,9 @@ class RunComparison:
 
     def _draw(self) -> None:
         self.image.value = self._figure.png([snapshot(t.history) for t in self.trainers])
+        self._tick()
+
+    def _tick(self) -> None:
         rows = []
         for label, t in zip(self.labels, self.trainers):
             ev = t.history.evals.last() or {}

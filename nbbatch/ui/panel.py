@@ -129,7 +129,7 @@ class TrainingPanel:
         self._seen_messages = 0
         self._make_widgets(vals, fixed=trainer is not None)
         self._figure: LiveFigure | None = None
-        self._refresher = Refresher(self._draw, interval=refresh)
+        self._refresher = Refresher(self._draw, interval=refresh, tick=self._tick)
         if trainer is not None:
             self._adopt(trainer, self.values())
 
@@ -256,14 +256,17 @@ class TrainingPanel:
             self.progress.max = max(c.ends[0] - c.starts[0], 1)
             self.progress.value = min(max(t.step_count - c.starts[0], 0), self.progress.max)
 
+    def _tick(self) -> None:
+        self._update_status()
+        self._sync_controller_errors()
+
     def _draw(self) -> None:
         if self.trainer is None:
             return
         if self._figure is None:
             self._figure = LiveFigure([f"B={self.trainer.config.batch_size}"])
         self.image.value = self._figure.png([snapshot(self.trainer.history)])
-        self._update_status()
-        self._sync_controller_errors()
+        self._tick()
 
     def figure(self):
         """The current figure (a matplotlib Figure, static: display it to keep it in the notebook)."""

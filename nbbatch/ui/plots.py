@@ -3,7 +3,7 @@
 pyplot is never used: its global state is not thread-safe and its figures would leak into the
 notebook. A ``LiveFigure`` keeps one Figure and its line artists and only updates their data,
 so a redraw costs one Agg render. ``Refresher`` redraws at most every ``interval`` seconds and
-never spends more than about ``budget`` of the wall time on drawing (updates are coalesced:
+never spends more than about ``budget`` (5%) of the wall time on drawing (updates are coalesced:
 whatever happened since the last frame is drawn once).
 """
 
@@ -64,7 +64,9 @@ class LiveFigure:
             raise ValueError("labels: give at least one run label")
         self.labels = [str(x) for x in labels]
         self.metric = metric
-        self.figure = Figure(figsize=figsize, dpi=dpi, layout="constrained")
+        self.figure = Figure(figsize=figsize, dpi=dpi)
+        # fixed margins: a layout engine would re-measure every text on each frame
+        self.figure.subplots_adjust(left=0.06, right=0.94, bottom=0.07, top=0.94, wspace=0.28, hspace=0.32)
         self.canvas = FigureCanvasAgg(self.figure)
         axes = self.figure.subplots(2, 3)
         self.axes = {title: ax for (_, _, title), ax in zip(PANELS, axes.flat)}
@@ -151,19 +153,28 @@ class LiveFigure:
 
 
 class Refresher:
-    """Call ``draw()`` from a daemon thread at most every ``interval`` s while ``active()`` is true.
+    """Redraw from a daemon thread while training: ``tick()`` every ``interval`` s, ``draw()`` throttled.
 
-    The gap between two frames is at least ``interval`` and at least ``cost / budget`` where
-    ``cost`` is the time the last frame took: with ``budget=0.03`` drawing takes at most about 3%
-    of the wall time however slow a frame is. ``final()`` draws once more (the static last frame).
+    ``tick`` is for cheap updates (status line, progress bar). ``draw`` (the figure) runs at
+    most every ``interval`` s and at least ``cost / budget`` s after the previous one, where
+    ``cost`` is the time that frame took: with ``budget=0.05`` drawing takes at most about 5% of
+    the wall time however slow a frame is. Whatever happened in between is drawn once
+    (coalesced). ``final()`` stops the thread and draws the last frame (the static one).
+
+    Example:
+        >>> frames = []
+        >>> r = Refresher(lambda: frames.append(1), interval=0.01)
+        >>> r.start(); r.final(); r.final_frames, len(frames) >= 1
+        (1, True)
     """
 
-    def __init__(self, draw: Callable[[], None], interval: float = 1.0, budget: float = 0.03):
+    def __init__(self, draw: Callable[[], None], interval: float = 1.0, budget: float = 0.05,
+                 tick: Callable[[], None] | None = None):
         if not (isinstance(interval, (int, float)) and interval > 0):
             raise ValueError(f"refresh interval must be a number > 0 seconds, got {interval!r}")
         if not (isinstance(budget, (int, float)) and 0 < budget <= 1):
             raise ValueError(f"budget must lie in (0, 1], got {budget!r}")
-        self.draw, self.interval, self.budget = draw, float(interval), float(budget)
+        self.draw, self.tick, self.interval, self.budget = draw, tick, float(interval), float(budget)
         self._wake = threading.Event()
         self._quit = False
         self._thread: threading.Thread | None = None
@@ -178,23 +189,29 @@ class Refresher:
         self._thread = threading.Thread(target=self._loop, name="nbbatch-refresh", daemon=True)
         self._thread.start()
 
-    def _frame(self) -> float:
+    def _call(self, fn) -> float:
         t0 = time.perf_counter()
         try:
-            self.draw()
-            self.frames += 1
+            fn()
         except Exception as err:   # kept, never raised into the training
             self.errors.append(err)
+            return time.perf_counter() - t0
+        if fn is self.draw:
+            self.frames += 1
         return time.perf_counter() - t0
 
     def _loop(self) -> None:
-        cost = 0.0
+        cost, last = 0.0, time.perf_counter()
         while not self._quit:
-            self._wake.wait(max(self.interval, cost / self.budget))
+            self._wake.wait(self.interval)
             self._wake.clear()
             if self._quit:
                 break
-            cost = self._frame()
+            if self.tick is not None:
+                self._call(self.tick)
+            if time.perf_counter() - last >= max(self.interval, cost / self.budget):
+                cost = self._call(self.draw)
+                last = time.perf_counter()
 
     def stop(self) -> None:
         self._quit = True
@@ -206,5 +223,5 @@ class Refresher:
     def final(self) -> None:
         """Stop the thread and draw the last frame."""
         self.stop()
-        self._frame()
+        self._call(self.draw)
         self.final_frames += 1
