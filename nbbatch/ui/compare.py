@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import time
 from typing import Any, Mapping, Sequence
 
 import ipywidgets as widgets
@@ -108,6 +109,9 @@ class RunComparison:
         self.image = W.Image(format="png", layout=W.Layout(width="100%", max_width="900px"))
         self.widget = W.VBox([W.HBox([self.train_button, self.pause_button, self.stop_button]),
                               self.status, self.message, self.image])
+        t0 = time.perf_counter()     # the empty figure now: it shows at once and sets the redraw throttle
+        self.image.value = self._figure.png([snapshot(t.history) for t in self.trainers])
+        self._refresher.cost = time.perf_counter() - t0
 
     def _ipython_display_(self):
         from IPython.display import display

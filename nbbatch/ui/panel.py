@@ -6,7 +6,6 @@ stop, reschedule, checkpoint between optimizer steps) and build Trainers from th
 
 from __future__ import annotations
 
-import copy
 import html
 import os
 import time
@@ -263,8 +262,6 @@ class TrainingPanel:
     def _draw(self) -> None:
         if self.trainer is None:
             return
-        if self._figure is None:
-            self._figure = LiveFigure([f"B={self.trainer.config.batch_size}"])
         self.image.value = self._figure.png([snapshot(self.trainer.history)])
         self._tick()
 
@@ -287,7 +284,12 @@ class TrainingPanel:
         self.controller = RunController(trainer, labels=[f"B={trainer.config.batch_size}"])
         self.controller.on_change(self._on_run_change)
         self._seen_errors = self._seen_messages = 0
-        self._figure = None
+        # Build the figure and draw it empty now, outside any run: the panel shows its axes at
+        # once, and the first frame's cost sets the redraw throttle before training starts.
+        self._figure = LiveFigure([f"B={trainer.config.batch_size}"])
+        t0 = time.perf_counter()
+        self.image.value = self._figure.png([snapshot(trainer.history)])
+        self._refresher.cost = time.perf_counter() - t0
         self._update_status()
 
     def _build(self) -> bool:
@@ -415,7 +417,6 @@ class TrainingPanel:
             self._show("this panel drives a given Trainer: Reset needs build=...", error=True)
             return
         if self._build():
-            self.image.value = b""
             self.progress.value = 0
             self._show("new run ready: press Train")
 

@@ -180,6 +180,7 @@ class Refresher:
         self._thread: threading.Thread | None = None
         self.frames = 0
         self.final_frames = 0
+        self.cost = 0.0          # seconds the last frame took (kept across runs; may be preset)
         self.errors: list[BaseException] = []
 
     def start(self) -> None:
@@ -201,7 +202,7 @@ class Refresher:
         return time.perf_counter() - t0
 
     def _loop(self) -> None:
-        cost, last = 0.0, time.perf_counter()
+        last = time.perf_counter()
         while not self._quit:
             self._wake.wait(self.interval)
             self._wake.clear()
@@ -209,8 +210,8 @@ class Refresher:
                 break
             if self.tick is not None:
                 self._call(self.tick)
-            if time.perf_counter() - last >= max(self.interval, cost / self.budget):
-                cost = self._call(self.draw)
+            if time.perf_counter() - last >= max(self.interval, self.cost / self.budget):
+                self.cost = self._call(self.draw)
                 last = time.perf_counter()
 
     def stop(self) -> None:
@@ -223,5 +224,5 @@ class Refresher:
     def final(self) -> None:
         """Stop the thread and draw the last frame."""
         self.stop()
-        self._call(self.draw)
+        self.cost = self._call(self.draw)
         self.final_frames += 1
