@@ -5,6 +5,7 @@ import torch
 IPython = pytest.importorskip("IPython")
 
 from nbbatch import magics  # noqa: E402
+from helpers import requires_cuda  # noqa: E402
 
 
 @pytest.fixture
@@ -63,3 +64,11 @@ def test_sampled_fallback_sees_a_peak(monkeypatch):
         time.sleep(0.05)
         del x
     assert m.method == "sampled" and m.peak_bytes >= 48 * 2**20
+
+
+@requires_cuda
+def test_peakmem_on_cuda_reads_the_allocator_peak():
+    with magics.PeakMemory(device="cuda") as m:
+        x = torch.ones(64 * 2**20 // 4, device="cuda")      # 64 MiB
+        del x
+    assert m.method == "cuda allocator" and 64 * 2**20 <= m.peak_bytes < 80 * 2**20

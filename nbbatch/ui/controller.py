@@ -85,6 +85,8 @@ class RunController:
         self._listeners: list[Callable[[], None]] = []
         self._last_errors: list[RunError] = []  # errors of the latest start()
         self._waiting: set[int] = set()         # runs blocked between two steps
+        self._solo = False                      # one run in this segment: no turns to take
+        self._attention = False                 # a pause, stop or queued change awaits a step boundary
         self._stopped_last = False
         self._callbacks = [self._make_callback(i) for i in range(len(trainers))]
         for t, cb in zip(trainers, self._callbacks):
@@ -182,6 +184,8 @@ class RunController:
             self._last_errors = []
             self._stopped_last = False
             self._active = {i for i, t in enumerate(self.trainers) if t.step_count < ends[i]}
+            self._solo = len(self._active) == 1
+            self._attention = any(self._pending) or bool(self._pending_ckpt)
             self._turn = self._next_turn(None)
             self._threads = [threading.Thread(target=self._run, args=(i,), name=f"nbbatch-train-{i}", daemon=True)
                              for i in sorted(self._active)]
@@ -217,6 +221,7 @@ class RunController:
         """Hold every run after its current step (resumable with ``resume``)."""
         with self._cond:
             self._paused = True
+            self._attention = True
             self._cond.notify_all()
 
     def resume(self) -> None:
@@ -230,6 +235,7 @@ class RunController:
             if not self.running or self._stop:
                 return
             self._stop = True
+            self._attention = True
             self._stop_time = time.perf_counter()
             self._stop_steps = [t.step_count for t in self.trainers]
             for t in self.trainers:
@@ -251,6 +257,7 @@ class RunController:
             if self.running:
                 for i in runs:
                     self._pending[i].update(changes)
+                self._attention = True
                 return
             done = []
             try:
@@ -269,6 +276,7 @@ class RunController:
         with self._cond:
             if self.running:
                 self._pending_ckpt.append((i, path))
+                self._attention = True
                 return
         self.trainers[i].save(path)
 
@@ -324,6 +332,10 @@ class RunController:
 
     def _make_callback(self, i: int):
         def callback(trainer, row):
+            # Fast path, no lock: a single run that nobody has paused, stopped or changed. A flag
+            # set just after this check is seen at the next step boundary (as with the lock).
+            if self._solo and not self._attention:
+                return
             with self._cond:
                 if row:   # step_end: this run's turn is over
                     self._turn = self._next_turn(i)
@@ -340,6 +352,7 @@ class RunController:
                     trainer.request_stop()
                 else:
                     self._apply_pending(i)
+                self._attention = self._paused or self._stop or bool(self._pending[i]) or bool(self._pending_ckpt)
         return callback
 
     def _run(self, i: int) -> None:
