@@ -135,8 +135,8 @@ class TrainingPanel:
     # ------------------------------------------------------------------ widgets
     def _make_widgets(self, v: dict, fixed: bool) -> None:
         W = widgets
-        style = {"description_width": "90px"}
-        lay = W.Layout(width="300px")
+        style = {"description_width": "110px"}
+        lay = W.Layout(width="320px")
         self.model_w = W.Dropdown(options=MODELS, value=v["model"], description="model", style=style, layout=lay)
         self.norm_w = W.Dropdown(options=NORMS, value=v["norm"], description="norm", style=style, layout=lay)
         sizes = sorted(set(BATCH_SIZES) | {v["batch_size"]})

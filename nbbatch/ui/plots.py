@@ -81,7 +81,7 @@ class LiveFigure:
                 self._lines[(title, i)] = ax.plot([], [], **style)[0]
                 if y == "loss" or y == "metric":   # evaluations as markers on the same axes
                     self._lines[(title, i, "eval")] = ax.plot([], [], "o", ms=3, color=colors[i])[0]
-            if y == "loss" and x != "time":
+            if y == "loss":
                 ax.set_yscale("log")
         self._noise_ax = None
         if len(self.labels) > 1:
