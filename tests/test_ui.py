@@ -152,9 +152,13 @@ def test_interleaved_runs_take_turns_and_match_runs_alone(small):
     c = RunController(ts, interleave="steps")
     c.start(steps=6, block=True)
     assert order == [0, 1] * 6
-    for b, t in zip((16, 64), ts):
+    ts[0].fit(steps=2)                        # by hand, outside the controller: runs freely
+    assert ts[0].step_count == 8
+    for b, t, n in zip((16, 64), ts, (8, 6)):
         ref = make_trainer(small, batch_size=b)
         ref.fit(steps=6)
+        if n == 8:
+            ref.fit(steps=2)
         assert same_weights(ref.model, t.model)
 
 
@@ -322,6 +326,9 @@ def test_panel_for_a_given_trainer_fixes_structure(small):
     p.reset_button.click()
     assert "fixed" in p.message.value or "Reset" in p.message.value
     assert p.trainer is t
+    t.fit(steps=3)                            # a fit by hand is not held by the panel's controller
+    assert t.step_count == 11
+    check_history(t.history)
 
 
 # ---------------------------------------------------------------------- comparison

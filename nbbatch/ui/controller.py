@@ -86,6 +86,7 @@ class RunController:
         self._last_errors: list[RunError] = []  # errors of the latest start()
         self._waiting: set[int] = set()         # runs blocked between two steps
         self._solo = False                      # one run in this segment: no turns to take
+        self._thread_of: list = [None] * len(trainers)   # the thread training each run
         self._attention = False                 # a pause, stop or queued change awaits a step boundary
         self._stopped_last = False
         self._callbacks = [self._make_callback(i) for i in range(len(trainers))]
@@ -189,6 +190,9 @@ class RunController:
             self._turn = self._next_turn(None)
             self._threads = [threading.Thread(target=self._run, args=(i,), name=f"nbbatch-train-{i}", daemon=True)
                              for i in sorted(self._active)]
+            self._thread_of = [None] * len(self.trainers)
+            for i, th in zip(sorted(self._active), self._threads):
+                self._thread_of[i] = th
             for th in self._threads:
                 th.start()
         self._notify()
@@ -332,6 +336,8 @@ class RunController:
 
     def _make_callback(self, i: int):
         def callback(trainer, row):
+            if threading.current_thread() is not self._thread_of[i]:
+                return      # a fit this controller did not start (e.g. trainer.fit() by hand): leave it alone
             # Fast path, no lock: a single run that nobody has paused, stopped or changed. A flag
             # set just after this check is seen at the next step boundary (as with the lock).
             if self._solo and not self._attention:
