@@ -14,6 +14,21 @@ from .trainer import DivergenceError, Target, Trainer, accuracy
 
 __version__ = "0.1.0"
 
+
+def load_ipython_extension(ipython):
+    """``%load_ext nbbatch``: register the ``%nbbatch_env`` and ``%%peakmem`` magics."""
+    from .magics import load_ipython_extension as load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython):
+    """``%unload_ext nbbatch``: remove the magics."""
+    from .magics import unload_ipython_extension as unload
+
+    unload(ipython)
+
+
 __all__ = [
     "Distributed",
     "DivergenceError",

@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -37,6 +38,9 @@ from .schedules import Schedule, scale_lr
 EVENTS = ("fit_start", "step_end", "eval_end", "fit_end")
 CHECKPOINT_VERSION = 1
 DEFAULT_UNTIL_EPOCHS = 100
+RESCHEDULE_OPTIONS = ("lr", "scale_rule", "base_batch_size", "warmup", "warmup_steps", "warmup_epochs",
+                      "warmup_start", "decay", "total_steps", "total_epochs", "decay_steps", "decay_epochs",
+                      "decay_gamma", "min_lr_factor")
 
 
 class DivergenceError(RuntimeError):
@@ -285,6 +289,41 @@ class Trainer:
         """True on the process that prints, plots and writes checkpoints (rank 0)."""
         return self.rank == 0
 
+    def reschedule(self, **changes) -> None:
+        """Change learning-rate options mid-run (lr, warm-up, decay); the very next step uses them.
+
+        Only the options that shape ``lr(step)`` may change (``RESCHEDULE_OPTIONS``). The new
+        values are validated, and the new schedule built and checked against the run's length,
+        before anything changes: on an error the old schedule stays. Call it between steps
+        (from a ``step_end`` callback, or while no ``fit`` runs).
+
+        Example:
+            >>> from nbbatch import Trainer, data, models
+            >>> t = Trainer(models.MLP(), data.mnist1d(num_samples=200), batch_size=32, lr=0.1)
+            >>> t.reschedule(lr=0.02); round(t.lr, 4)
+            0.02
+        """
+        unknown = set(changes) - set(RESCHEDULE_OPTIONS)
+        if unknown:
+            raise ValueError(f"reschedule: {sorted(unknown)} cannot change mid-run; "
+                             f"it accepts {list(RESCHEDULE_OPTIONS)}")
+        cfg = self.config.replace(**changes)
+        old = self.config, self.peak_lr
+        self.config = cfg
+        self.peak_lr = scale_lr(cfg.lr, cfg.batch_size, cfg.base_batch_size or cfg.batch_size, cfg.scale_rule)
+        try:
+            schedule = None
+            if self._schedule is not None:
+                schedule = self._build_schedule(self._horizon)
+                if schedule.warmup != "none" and self._horizon is not None and schedule.warmup_steps > self._horizon:
+                    raise ValueError(f"the warm-up ({schedule.warmup_steps} steps) is longer than the run "
+                                     f"({self._horizon} steps); shorten warmup_steps/warmup_epochs")
+        except BaseException:
+            self.config, self.peak_lr = old
+            raise
+        if schedule is not None:
+            self._schedule = schedule
+
     def _trigger(self, event: str, row: dict) -> None:
         if self._dist is not None and not self._dist.is_main:
             return   # data-parallel: prints and plots come from rank 0 only
@@ -474,7 +513,8 @@ class Trainer:
             raise
 
     # ------------------------------------------------------------------ fit
-    def fit(self, epochs: float | None = None, steps: int | None = None, until=None) -> History:
+    def fit(self, epochs: float | None = None, steps: int | None = None, until=None,
+            progress: bool | None = None) -> History:
         """Train and return the History.
 
         ``epochs`` and ``steps`` count from where the trainer stands (calling ``fit(epochs=1)``
@@ -485,7 +525,13 @@ class Trainer:
 
         A ``request_stop()`` or a KeyboardInterrupt (Jupyter's interrupt) ends the run after
         the current step, leaving a consistent, resumable trainer; the interrupt is re-raised.
+
+        ``progress`` shows a tqdm bar (``tqdm.auto``: a widget in notebooks, text in terminals);
+        the default shows it in a terminal, or wherever ``NBBATCH_PROGRESS=1``, and never
+        outside the main thread or with ``NBBATCH_PROGRESS=0`` (headless runs).
         """
+        if progress is not None and not isinstance(progress, bool):
+            raise TypeError(f"progress must be True, False or None, got {progress!r}")
         end, target = self._plan(epochs, steps, until)
         horizon = self._horizon if self._horizon is not None else end
         schedule = self._schedule if self._schedule is not None else self._build_schedule(horizon)
@@ -499,6 +545,7 @@ class Trainer:
         self._interrupted = False
         reset_peak_memory(self.device)
         previous_handler = self._install_interrupt_handler()
+        bar = _progress_bar(progress, end - self.step_count)
         reason = "completed"
         try:
             self._trigger("fit_start", {})
@@ -515,6 +562,10 @@ class Trainer:
                 except StopAgreed:   # data-parallel: every rank learnt of a stop request in the same step
                     reason = "interrupted" if self._interrupted else "stopped"
                     break
+                if bar is not None:
+                    bar.update(1)
+                    if self.step_count % 50 == 0:
+                        bar.set_postfix(loss=f"{row['loss']:.4g}", refresh=False)
                 if target is not None and target.metric == "loss" and target.reached(row["loss"]):
                     reason = "target"
                     break
@@ -539,6 +590,8 @@ class Trainer:
             reason = "diverged"
             raise
         finally:
+            if bar is not None:
+                bar.close()
             self._restore_interrupt_handler(previous_handler)
             if reason in ("completed", "target"):
                 self._plan_end = None
@@ -824,6 +877,22 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 
 
 # ---------------------------------------------------------------------- helpers
+def _progress_bar(progress: bool | None, total: int):
+    """A tqdm bar for ``fit``, or None (see ``fit``'s ``progress``)."""
+    if progress is None:
+        setting = os.environ.get("NBBATCH_PROGRESS", "").strip().lower()
+        if setting in ("0", "false", "off", "no") or threading.current_thread() is not threading.main_thread():
+            return None
+        progress = setting in ("1", "true", "on", "yes") or sys.stderr.isatty()
+    if not progress:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:   # tqdm is a dependency; a broken install only loses the bar
+        return None
+    return tqdm(total=total, unit="step", mininterval=0.5, dynamic_ncols=True)
+
+
 def _flag_nonfinite(tensors: list[torch.Tensor], found: torch.Tensor, one: torch.Tensor) -> None:
     """Set ``found`` to 1 when any element of ``tensors`` is inf or nan (one fused pass where torch has it)."""
     if not tensors:

@@ -1,0 +1,220 @@
+"""The IPython extension: ``%load_ext nbbatch`` registers ``%nbbatch_env`` and ``%%peakmem``.
+
+``%nbbatch_env`` prints the device nbbatch would train on, the torch version, threads and memory.
+``%%peakmem`` runs a cell and prints its peak memory: on CUDA the peak of torch's allocator
+(``torch.cuda.max_memory_allocated``) above what was allocated before the cell; on the CPU the
+peak resident set size of the process during the cell, read from Linux's ``VmHWM`` after
+resetting it (``/proc/self/clear_refs``), else sampled from the RSS every few milliseconds.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from .device import describe_device, resolve_device
+
+MIB = 2**20
+
+
+def _read_status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def current_rss_bytes() -> int | None:
+    """The process's resident set size now (Linux ``VmRSS``), or None where unavailable."""
+    kib = _read_status_kib("VmRSS")
+    return None if kib is None else kib * 1024
+
+
+def _reset_peak_rss() -> bool:
+    # Writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0).
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _read_status_kib("VmHWM") is not None
+    except OSError:
+        return False
+
+
+def memory_info() -> dict:
+    """Total and available system memory in bytes (None where unknown).
+
+    Example:
+        >>> sorted(memory_info())
+        ['available', 'total']
+    """
+    out = {"total": None, "available": None}
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[1:2]}
+        out = {"total": info.get("MemTotal"), "available": info.get("MemAvailable")}
+    except (OSError, ValueError, IndexError):
+        try:
+            out["total"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            pass
+    return out
+
+
+def env_report() -> dict:
+    """What ``%nbbatch_env`` prints: device, torch, threads, memory.
+
+    Example:
+        >>> r = env_report(); r["torch"] == torch.__version__ and r["threads"] >= 1
+        True
+    """
+    device = resolve_device("auto")
+    mem = memory_info()
+    report = {"device": describe_device(device), "torch": torch.__version__, "python": platform.python_version(),
+              "threads": torch.get_num_threads(), "cpu_cores": os.cpu_count(),
+              "memory_total": mem["total"], "memory_available": mem["available"],
+              "process_rss": current_rss_bytes()}
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        report.update(device_memory_total=total, device_memory_free=free)
+    return report
+
+
+def format_env(report: dict) -> str:
+    def mib(v):
+        return "?" if v is None else f"{v / MIB:,.0f} MiB"
+
+    lines = [f"device:  {report['device']}",
+             f"torch:   {report['torch']} (python {report['python']})",
+             f"threads: {report['threads']} torch threads, {report['cpu_cores']} CPU cores",
+             f"memory:  {mib(report['memory_available'])} available of {mib(report['memory_total'])}; "
+             f"this process {mib(report['process_rss'])}"]
+    if "device_memory_total" in report:
+        lines.append(f"device memory: {mib(report['device_memory_free'])} free of {mib(report['device_memory_total'])}")
+    return "\n".join(lines)
+
+
+@dataclass
+class PeakMemory:
+    """Peak memory of a block of code: ``with PeakMemory() as m: ...`` then ``m.peak_bytes``.
+
+    On CUDA (``device="cuda"``, or ``"auto"`` with a GPU) ``peak_bytes`` is the allocator's
+    peak above the memory allocated at the start. On the CPU it is the peak RSS of the process
+    during the block above the RSS at the start; ``method`` says how it was measured
+    (``"VmHWM"`` or ``"sampled"``, the latter may miss peaks shorter than ``interval``).
+
+    Example:
+        >>> with PeakMemory(device="cpu") as m:
+        ...     x = b"1" * (64 * 2**20)
+        >>> m.peak_bytes > 32 * 2**20
+        True
+    """
+
+    device: str = "auto"
+    interval: float = 0.002
+    peak_bytes: int = 0
+    start_bytes: int = 0
+    method: str = ""
+
+    def __enter__(self) -> "PeakMemory":
+        self._device = resolve_device(self.device)
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+            torch.cuda.reset_peak_memory_stats(self._device)
+            self.start_bytes = torch.cuda.memory_allocated(self._device)
+            self.method = "cuda allocator"
+            return self
+        self.start_bytes = current_rss_bytes() or 0
+        if _reset_peak_rss():
+            self.method = "VmHWM"
+        else:
+            self.method = "sampled"
+            self._max = self.start_bytes
+            self._done = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True, name="nbbatch-peakmem")
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._done.wait(self.interval):
+            rss = current_rss_bytes()
+            if rss is None:
+                return
+            self._max = max(self._max, rss)
+
+    def __exit__(self, *exc) -> None:
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+            peak = torch.cuda.max_memory_allocated(self._device)
+        elif self.method == "VmHWM":
+            peak = (_read_status_kib("VmHWM") or 0) * 1024
+        else:
+            self._done.set()
+            self._thread.join()
+            peak = max(self._max, current_rss_bytes() or 0)
+        self.peak_bytes = max(peak - self.start_bytes, 0)
+
+    def describe(self) -> str:
+        where = str(self._device) if self._device.type == "cuda" else "process RSS"
+        return (f"peak memory: {self.peak_bytes / MIB:,.1f} MiB above the start "
+                f"({where}, {self.start_bytes / MIB:,.0f} MiB before the cell; measured by {self.method})")
+
+
+def _magics_class():
+    from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+
+    @magics_class
+    class NbbatchMagics(Magics):
+        """``%nbbatch_env`` and ``%%peakmem [device]``."""
+
+        last_peak: PeakMemory | None = None
+
+        @line_magic
+        def nbbatch_env(self, line=""):
+            """Print the training device, torch version, threads and memory."""
+            print(format_env(env_report()))
+
+        @cell_magic
+        def peakmem(self, line, cell):
+            """Run the cell and print its peak memory (``%%peakmem cpu`` or ``%%peakmem cuda`` to choose)."""
+            device = line.strip() or "auto"
+            try:
+                meter = PeakMemory(device=device)
+                meter.__enter__()
+            except (ValueError, RuntimeError) as err:
+                print(f"%%peakmem: {err}", file=sys.stderr)
+                return
+            try:
+                self.shell.run_cell(cell)
+            finally:
+                meter.__exit__(None, None, None)
+                self.last_peak = meter
+                self.shell.user_ns["_peakmem"] = meter
+                print(meter.describe())
+
+    return NbbatchMagics
+
+
+def load_ipython_extension(ipython) -> None:
+    """Register the magics with ``ipython`` (``%load_ext nbbatch`` calls this)."""
+    ipython.register_magics(_magics_class()(ipython))
+
+
+def unload_ipython_extension(ipython) -> None:
+    """Remove the magics again (``%unload_ext nbbatch``)."""
+    manager = ipython.magics_manager
+    magics = manager.registry.pop("NbbatchMagics", None)
+    if magics is None:
+        return
+    for kind, names in magics.magics.items():
+        for name in names:
+            manager.magics[kind].pop(name, None)
+

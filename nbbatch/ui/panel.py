@@ -1,0 +1,440 @@
+"""``TrainingPanel``: an ipywidgets panel that trains in a background thread and stays responsive.
+
+The panel holds no training logic: its buttons and sliders call a ``RunController`` (pause,
+stop, reschedule, checkpoint between optimizer steps) and build Trainers from their values.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import time
+from typing import Any, Callable, Mapping
+
+import ipywidgets as widgets
+
+from ..config import OPTIMIZERS
+from ..device import PRECISIONS, describe_device, process_peak_rss_bytes
+from ..models import MODELS, NORMS
+from .compare import build_trainer
+from .controller import RunController
+from .plots import LiveFigure, Refresher, snapshot
+
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+ACCUMULATE = (1, 2, 4, 8, 16)
+LIVE = ("lr", "warmup_steps")                     # applied to the running trainer, next step
+STRUCTURAL = ("model", "norm", "batch_size", "optimizer", "accumulate", "precision")
+DEFAULTS = {"model": "mlp", "norm": "none", "batch_size": 64, "lr": 0.05, "warmup_steps": 0,
+            "optimizer": "momentum", "accumulate": 1, "precision": "auto"}
+
+
+def _warmup_options(steps: int) -> dict:
+    return {"warmup": "linear", "warmup_steps": int(steps), "warmup_epochs": None} if steps else \
+        {"warmup": "none", "warmup_steps": None, "warmup_epochs": None}
+
+
+def default_builder(data=None, seed: int = 0, device: str = "auto", **options) -> Callable[..., Any]:
+    """A builder ``values -> Trainer`` for the reference models on ``data`` (default mnist1d).
+
+    The model is rebuilt from ``seed`` each time, so two runs with the same values start from
+    the same weights. ``options`` are further ``TrainConfig`` fields (``eval_every``, ...).
+
+    Example:
+        >>> from nbbatch import data
+        >>> build = default_builder(data.mnist1d(num_samples=200))
+        >>> build(model="mlp", norm="none", batch_size=32, lr=0.1, warmup_steps=0,
+        ...       optimizer="sgd", accumulate=1, precision="fp32").config.batch_size
+        32
+    """
+    cache = {}
+
+    def build(model="mlp", norm="none", batch_size=64, lr=0.05, warmup_steps=0, optimizer="momentum",
+              accumulate=1, precision="auto"):
+        if "data" not in cache:
+            from .. import data as data_mod
+
+            cache["data"] = data if data is not None else data_mod.mnist1d()
+        return build_trainer(cache["data"], seed=seed, model=model, norm=norm, batch_size=batch_size, lr=lr,
+                             optimizer=optimizer, accumulate=accumulate, precision=precision, device=device,
+                             warmup_steps=warmup_steps, **options)
+
+    return build
+
+
+class TrainingPanel:
+    """Controls, live figure, progress and status for training a Trainer from a notebook.
+
+    Training runs in a background thread; Pause, Stop, Checkpoint and the learning-rate and
+    warm-up sliders act between optimizer steps (an lr change applies to the very next step).
+    The structural settings (model, norm, batch size, optimizer, accumulation, precision) start
+    a new run at the next Train or at Reset; the previous runs stay in ``runs``. A setting the
+    trainer rejects is shown in the panel and the current run is kept as it was.
+
+    Args:
+        trainer: a Trainer to drive (its structural settings are then fixed), or None.
+        build: ``build(**values) -> Trainer`` called with the panel's values (keys of
+            ``DEFAULTS``); default: the reference models on ``data`` (``default_builder``).
+        data: the dataset of the default builder (default mnist1d).
+        epochs: training length of one Train press (also a control of the panel).
+        headless: True for scripts and nbval: Train blocks until the run ends, no live redraws.
+        refresh: seconds between live-figure frames (coalesced; see ``Refresher``).
+        checkpoint_path: where Checkpoint saves.
+        values: initial control values (overrides ``DEFAULTS``).
+
+    Example:
+        >>> from nbbatch import data
+        >>> p = TrainingPanel(data=data.mnist1d(num_samples=500), epochs=1, headless=True,
+        ...                   values={"batch_size": 100})
+        >>> p.train_button.click(); p.trainer.step_count
+        4
+    """
+
+    def __init__(self, trainer=None, *, build: Callable[..., Any] | None = None, data=None,
+                 epochs: float = 5, headless: bool = False, refresh: float = 1.0,
+                 checkpoint_path: str | os.PathLike = "nbbatch_checkpoint.pt",
+                 values: Mapping[str, Any] | None = None):
+        if trainer is not None and not hasattr(trainer, "fit"):
+            raise TypeError(f"trainer must be an nbbatch Trainer or None, got {type(trainer).__name__}")
+        if trainer is not None and build is not None:
+            raise ValueError("give trainer= or build=, not both")
+        if build is not None and not callable(build):
+            raise TypeError("build must be a callable returning a Trainer")
+        if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not epochs > 0:
+            raise ValueError(f"epochs must be a number > 0, got {epochs!r}")
+        if not isinstance(headless, bool):
+            raise TypeError(f"headless must be True or False, got {headless!r}")
+        if not isinstance(refresh, (int, float)) or not refresh > 0:
+            raise ValueError(f"refresh must be a number of seconds > 0, got {refresh!r}")
+        vals = dict(DEFAULTS)
+        if trainer is not None:
+            c = trainer.config
+            vals.update(batch_size=c.batch_size, lr=c.lr, optimizer=c.optimizer if isinstance(c.optimizer, str) else "sgd",
+                        accumulate=c.accumulate, precision=c.precision,
+                        warmup_steps=c.warmup_steps or 0)
+        unknown = set(values or {}) - set(DEFAULTS)
+        if unknown:
+            raise ValueError(f"values: unknown control(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+        vals.update(values or {})
+        self.build = build if build is not None else (None if trainer is not None else default_builder(data))
+        self.headless = headless
+        self.epochs = epochs
+        self.checkpoint_path = os.fspath(checkpoint_path)
+        self.errors: list[BaseException] = []    # every error shown by the panel, kept
+        self.runs: list = []                      # earlier trainers (Reset / new settings), kept
+        self.trainer = None
+        self.controller: RunController | None = None
+        self._built_values: dict | None = None
+        self._seen_errors = 0
+        self._seen_messages = 0
+        self._make_widgets(vals, fixed=trainer is not None)
+        self._figure: LiveFigure | None = None
+        self._refresher = Refresher(self._draw, interval=refresh, tick=self._tick)
+        if trainer is not None:
+            self._adopt(trainer, self.values())
+
+    # ------------------------------------------------------------------ widgets
+    def _make_widgets(self, v: dict, fixed: bool) -> None:
+        W = widgets
+        style = {"description_width": "110px"}
+        lay = W.Layout(width="320px")
+        self.model_w = W.Dropdown(options=MODELS, value=v["model"], description="model", style=style, layout=lay)
+        self.norm_w = W.Dropdown(options=NORMS, value=v["norm"], description="norm", style=style, layout=lay)
+        sizes = sorted(set(BATCH_SIZES) | {v["batch_size"]})
+        self.batch_size_w = W.SelectionSlider(options=sizes, value=v["batch_size"], description="batch size",
+                                              style=style, layout=lay)
+        self.lr_w = W.FloatLogSlider(value=v["lr"], base=10, min=-4, max=1, step=0.05, description="learning rate",
+                                     readout_format=".3g", style=style, layout=lay)
+        self.warmup_w = W.IntSlider(value=v["warmup_steps"], min=0, max=max(500, v["warmup_steps"]), step=10,
+                                    description="warm-up steps", style=style, layout=lay)
+        self.optimizer_w = W.Dropdown(options=OPTIMIZERS, value=v["optimizer"], description="optimizer", style=style, layout=lay)
+        self.accumulate_w = W.Dropdown(options=sorted(set(ACCUMULATE) | {v["accumulate"]}), value=v["accumulate"],
+                                       description="accumulate", style=style, layout=lay)
+        self.precision_w = W.Dropdown(options=PRECISIONS, value=v["precision"], description="precision", style=style, layout=lay)
+        self.controls = {"model": self.model_w, "norm": self.norm_w, "batch_size": self.batch_size_w, "lr": self.lr_w,
+                         "warmup_steps": self.warmup_w, "optimizer": self.optimizer_w,
+                         "accumulate": self.accumulate_w, "precision": self.precision_w}
+        if fixed:
+            for name in STRUCTURAL:
+                self.controls[name].disabled = True
+        self.train_button = W.Button(description="Train", button_style="success", icon="play")
+        self.pause_button = W.Button(description="Pause", icon="pause")
+        self.stop_button = W.Button(description="Stop", button_style="danger", icon="stop")
+        self.checkpoint_button = W.Button(description="Checkpoint", icon="save")
+        self.reset_button = W.Button(description="Reset", button_style="warning", icon="refresh")
+        for b, cls in ((self.train_button, "train"), (self.pause_button, "pause"), (self.stop_button, "stop"),
+                       (self.checkpoint_button, "checkpoint"), (self.reset_button, "reset")):
+            b.layout = W.Layout(width="110px")
+            b.add_class(f"nbbatch-{cls}")
+        self.lr_w.add_class("nbbatch-lr")
+        self.epochs_w = W.BoundedFloatText(value=self.epochs, min=0.01, max=100_000, description="epochs / Train",
+                                           style=style, layout=lay)
+        self.epochs_w.add_class("nbbatch-epochs")
+        self.epochs_w.observe(lambda ch: setattr(self, "epochs", ch["new"]), names="value")
+        self.train_button.on_click(lambda _: self.train())
+        self.pause_button.on_click(lambda _: self.toggle_pause())
+        self.stop_button.on_click(lambda _: self.stop())
+        self.checkpoint_button.on_click(lambda _: self.checkpoint())
+        self.reset_button.on_click(lambda _: self.reset())
+        self.lr_w.observe(lambda ch: self._live_change(lr=ch["new"]), names="value")
+        self.warmup_w.observe(lambda ch: self._live_change(**_warmup_options(ch["new"])), names="value")
+        for name in STRUCTURAL:
+            self.controls[name].observe(lambda ch: self._structural_change(), names="value")
+        self.progress = W.IntProgress(value=0, min=0, max=1, description="progress", style=style,
+                                      layout=W.Layout(width="600px"))
+        self.status = W.HTML(value="idle")
+        self.status.add_class("nbbatch-status")
+        self.message = W.HTML(value="")
+        self.message.add_class("nbbatch-message")
+        self.image = W.Image(format="png", layout=W.Layout(width="100%", max_width="900px"))
+        left = W.VBox([self.model_w, self.norm_w, self.batch_size_w, self.lr_w])
+        right = W.VBox([self.warmup_w, self.optimizer_w, self.accumulate_w, self.precision_w, self.epochs_w])
+        buttons = W.HBox([self.train_button, self.pause_button, self.stop_button, self.checkpoint_button,
+                          self.reset_button])
+        self.widget = W.VBox([W.HBox([left, right]), buttons, self.progress, self.status, self.message, self.image])
+        self.widget.add_class("nbbatch-panel")
+
+    def _ipython_display_(self):
+        from IPython.display import display
+
+        display(self.widget)
+
+    def values(self) -> dict:
+        """The controls' current values (the keys of ``DEFAULTS``)."""
+        return {name: w.value for name, w in self.controls.items()}
+
+    # ------------------------------------------------------------------ messages and status
+    def _show(self, text: str, error: bool = False) -> None:
+        color = "#b00020" if error else "#555"
+        self.message.value = f'<span style="color:{color}">{html.escape(text)}</span>'
+
+    def _record_error(self, err: BaseException, context: str) -> None:
+        self.errors.append(err)
+        self._show(f"{context}: {type(err).__name__}: {err}", error=True)
+
+    @property
+    def error(self) -> BaseException | None:
+        """The latest error: a rejected setting, or an exception raised in the training thread."""
+        return self.errors[-1] if self.errors else None
+
+    def _sync_controller_errors(self) -> None:
+        c = self.controller
+        if c is None:
+            return
+        for e in c.errors[self._seen_errors:]:
+            self._record_error(e.error, "training stopped with an error")
+        self._seen_errors = len(c.errors)
+        for e in c.rejected[self._seen_messages:]:
+            self._record_error(e.error, "refused, the old setting stays")
+        self._seen_messages = len(c.rejected)
+
+    def _update_status(self) -> None:
+        t = self.trainer
+        if t is None:
+            self.status.value = "no run yet: press Train"
+            return
+        st = t.history.steps
+        n = len(st)
+        rate = ""
+        if n:
+            recent = [x for x in st["examples_per_s"][-20:] if x is not None]
+            if recent:
+                rate = f"{sorted(recent)[len(recent) // 2]:,.0f}"
+        peaks = [m for m in st["peak_memory"][-50:] if m is not None] if n else []
+        mem = (f"peak {max(peaks) / 2**20:.0f} MiB on device" if peaks
+               else f"process peak RSS {process_peak_rss_bytes() / 2**20:.0f} MiB")
+        state = self.controller.state if self.controller is not None else "idle"
+        ev = t.history.evals.last()
+        metric = ""
+        if ev:
+            metric = " | " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in sorted(ev.items()) if k.startswith("eval_") and isinstance(v, float))
+        self.status.value = (f"<b>{state}</b> | {html.escape(describe_device(t.device))} | "
+                             f"step <b class='nbbatch-step'>{t.step_count}</b> | epoch {t.epoch} | "
+                             f"lr {t.lr:.4g} | {rate or '-'} examples/s | {mem}{metric}")
+        c = self.controller
+        if c is not None and c.ends[0] is not None and c.starts[0] is not None:
+            self.progress.max = max(c.ends[0] - c.starts[0], 1)
+            self.progress.value = min(max(t.step_count - c.starts[0], 0), self.progress.max)
+
+    def _tick(self) -> None:
+        self._update_status()
+        self._sync_controller_errors()
+
+    def _draw(self) -> None:
+        if self.trainer is None:
+            return
+        self.image.value = self._figure.png([snapshot(self.trainer.history)])
+        self._tick()
+
+    def figure(self):
+        """The current figure (a matplotlib Figure, static: display it to keep it in the notebook)."""
+        if self.trainer is None:
+            raise RuntimeError("no run yet: press Train first")
+        fig = LiveFigure([f"B={self.trainer.config.batch_size}"])
+        fig.update([self.trainer.history])
+        return fig.figure
+
+    # ------------------------------------------------------------------ run management
+    def _adopt(self, trainer, values: dict) -> None:
+        if self.controller is not None:
+            self.controller.close()
+        if self.trainer is not None:
+            self.runs.append(self.trainer)
+        self.trainer = trainer
+        self._built_values = {k: values[k] for k in STRUCTURAL}
+        self.controller = RunController(trainer, labels=[f"B={trainer.config.batch_size}"])
+        self.controller.on_change(self._on_run_change)
+        self._seen_errors = self._seen_messages = 0
+        # Build the figure and draw it empty now, outside any run: the panel shows its axes at
+        # once, and the first frame's cost sets the redraw throttle before training starts.
+        self._figure = LiveFigure([f"B={trainer.config.batch_size}"])
+        t0 = time.perf_counter()
+        self.image.value = self._figure.png([snapshot(trainer.history)])
+        self._refresher.cost = time.perf_counter() - t0
+        self._update_status()
+
+    def _build(self) -> bool:
+        """A new trainer from the controls; on error show it and keep the current run."""
+        if self.build is None:
+            self._show("this panel drives a given Trainer: its structural settings are fixed", error=True)
+            return False
+        values = self.values()
+        try:
+            trainer = self.build(**values)
+        except Exception as err:
+            self._record_error(err, "settings rejected, the current run is kept")
+            return False
+        self._adopt(trainer, values)
+        return True
+
+    def _structural_change(self) -> None:
+        if self._built_values is not None and {k: self.controls[k].value for k in STRUCTURAL} != self._built_values:
+            self._show("new settings: the next Train (or Reset) starts a new run")
+
+    def _live_change(self, **changes) -> None:
+        if self.controller is None:
+            return
+        try:
+            self.controller.reschedule(**changes)
+        except (ValueError, TypeError) as err:
+            self._record_error(err, "setting rejected, the schedule is kept")
+            return
+        self._sync_controller_errors()
+        if not self.controller.running:
+            self._update_status()
+
+    def _on_run_change(self) -> None:
+        # from the training thread when a run starts or ends: the last frame is drawn here
+        if self.controller is not None and not self.controller.active and not self.headless:
+            self._refresher.final()
+
+    # ------------------------------------------------------------------ buttons
+    def train(self) -> None:
+        """Train (``epochs`` more, or continue a stopped segment); a new run if settings changed."""
+        if self.controller is not None and self.controller.running:
+            if self.controller.paused:
+                self.resume()
+            else:
+                self._show("already training")
+            return
+        if self.trainer is None or (self.build is not None and
+                                    {k: self.controls[k].value for k in STRUCTURAL} != self._built_values):
+            if not self._build():
+                return
+        try:
+            self.controller.reschedule(lr=self.lr_w.value, **_warmup_options(self.warmup_w.value))
+        except (ValueError, TypeError) as err:
+            self._record_error(err, "setting rejected")
+            return
+        self._sync_controller_errors()
+        c = self.controller
+        try:
+            if c.resumable:
+                c.start()
+            else:
+                c.start(epochs=self.epochs)
+        except (ValueError, RuntimeError) as err:
+            self._record_error(err, "cannot start")
+            return
+        self.pause_button.description = "Pause"
+        self._show("")
+        if self.headless:
+            c.wait()
+            self._draw()
+        else:
+            self._refresher.start()
+            self._update_status()
+
+    def toggle_pause(self) -> None:
+        """Pause after the current step, or resume."""
+        c = self.controller
+        if c is None or not c.running:
+            self._show("not training")
+            return
+        if c.paused:
+            self.resume()
+        else:
+            c.pause()
+            self.pause_button.description = "Resume"
+            self._update_status()
+
+    def resume(self) -> None:
+        if self.controller is not None:
+            self.controller.resume()
+        self.pause_button.description = "Pause"
+
+    def stop(self) -> None:
+        """Stop after the current step (the run stays resumable: Train continues it)."""
+        if self.controller is not None:
+            self.controller.stop()
+        self.pause_button.description = "Pause"
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the training thread halts (for scripts and tests)."""
+        done = self.controller.wait(timeout) if self.controller is not None else True
+        if done:
+            self._sync_controller_errors()
+            self._update_status()
+        return done
+
+    def checkpoint(self) -> None:
+        """Save the current run to ``checkpoint_path`` (between steps when training)."""
+        if self.controller is None:
+            self._show("no run to save yet")
+            return
+        try:
+            self.controller.checkpoint(self.checkpoint_path)
+        except OSError as err:
+            self._record_error(err, "checkpoint failed")
+            return
+        self._show(f"checkpoint {'queued' if self.controller.running else 'saved'}: {os.path.basename(self.checkpoint_path)}")
+
+    def reset(self) -> None:
+        """Stop, keep the current run in ``runs``, and start a fresh one from the controls."""
+        if self.controller is not None:
+            self.controller.stop()
+            self.controller.wait()
+        if self.build is None:
+            self._show("this panel drives a given Trainer: Reset needs build=...", error=True)
+            return
+        if self._build():
+            self.progress.value = 0
+            self._show("new run ready: press Train")
+
+    def close(self) -> None:
+        """Stop training and the live figure, and close the widgets."""
+        if self.controller is not None:
+            self.controller.close()
+        self._refresher.stop()
+        self.widget.close()
+
+    def summary(self) -> dict:
+        """Rounded, stable numbers of the current run (for printing in notebooks)."""
+        t = self.trainer
+        if t is None:
+            return {}
+        out = {"batch_size": t.config.batch_size, "steps": t.step_count, "examples": t.examples_seen,
+               "lr": round(t.lr, 6)}
+        ev = t.history.evals.last()
+        if ev:
+            out.update({k: round(v, 3) for k, v in sorted(ev.items()) if k.startswith("eval_") and isinstance(v, float)})
+        return out

@@ -1,0 +1,74 @@
+"""The IPython extension, in a real InteractiveShell."""
+import pytest
+import torch
+
+IPython = pytest.importorskip("IPython")
+
+from nbbatch import magics  # noqa: E402
+from helpers import requires_cuda  # noqa: E402
+
+
+@pytest.fixture
+def shell():
+    from IPython.core.interactiveshell import InteractiveShell
+
+    sh = InteractiveShell.instance()
+    yield sh
+    sh.run_line_magic("unload_ext", "nbbatch")
+    InteractiveShell.clear_instance()
+
+
+def test_load_registers_and_unload_removes_the_magics(shell):
+    shell.run_line_magic("load_ext", "nbbatch")
+    assert "nbbatch_env" in shell.magics_manager.magics["line"]
+    assert "peakmem" in shell.magics_manager.magics["cell"]
+    shell.run_line_magic("unload_ext", "nbbatch")
+    assert "nbbatch_env" not in shell.magics_manager.magics["line"]
+    assert "peakmem" not in shell.magics_manager.magics["cell"]
+    shell.run_line_magic("load_ext", "nbbatch")          # loads again after an unload
+    assert "peakmem" in shell.magics_manager.magics["cell"]
+
+
+def test_nbbatch_env_prints_device_torch_threads_memory(shell, capsys):
+    shell.run_line_magic("load_ext", "nbbatch")
+    shell.run_line_magic("nbbatch_env", "")
+    out = capsys.readouterr().out
+    assert f"torch:   {torch.__version__}" in out
+    assert f"{torch.get_num_threads()} torch threads" in out
+    assert "device:  cpu" in out or "device:  cuda" in out
+    report = magics.env_report()
+    assert report["memory_total"] is None or report["memory_total"] > report["process_rss"] > 0
+
+
+def test_peakmem_measures_a_known_allocation(shell, capsys):
+    shell.run_line_magic("load_ext", "nbbatch")
+    shell.run_cell_magic("peakmem", "cpu", "x = b'1' * (256 * 2**20)\ndel x\n")
+    meter = shell.user_ns["_peakmem"]
+    # 256 MiB of bytes were written and freed again: the peak sees them, the end does not
+    assert 240 * 2**20 <= meter.peak_bytes <= 400 * 2**20, meter.peak_bytes
+    assert "peak memory:" in capsys.readouterr().out
+
+
+def test_peakmem_reports_a_bad_device_without_running_the_cell(shell, capsys):
+    shell.run_line_magic("load_ext", "nbbatch")
+    shell.run_cell_magic("peakmem", "tpu", "ran = True\n")
+    assert "ran" not in shell.user_ns
+    assert "device" in capsys.readouterr().err
+
+
+def test_sampled_fallback_sees_a_peak(monkeypatch):
+    monkeypatch.setattr(magics, "_reset_peak_rss", lambda: False)
+    with magics.PeakMemory(device="cpu", interval=0.001) as m:
+        x = torch.ones(64 * 2**20 // 4)      # 64 MiB, written
+        import time
+        time.sleep(0.05)
+        del x
+    assert m.method == "sampled" and m.peak_bytes >= 48 * 2**20
+
+
+@requires_cuda
+def test_peakmem_on_cuda_reads_the_allocator_peak():
+    with magics.PeakMemory(device="cuda") as m:
+        x = torch.ones(64 * 2**20 // 4, device="cuda")      # 64 MiB
+        del x
+    assert m.method == "cuda allocator" and 64 * 2**20 <= m.peak_bytes < 80 * 2**20

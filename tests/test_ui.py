@@ -1,0 +1,445 @@
+"""The live controls, driven without a browser: .click() and .value drive real training."""
+import random
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("ipywidgets")
+
+from nbbatch import DivergenceError, Trainer, data, models  # noqa: E402
+from nbbatch.history import History  # noqa: E402
+from nbbatch.ui import (LiveFigure, Refresher, RunComparison, RunController, TrainingPanel,  # noqa: E402
+                        compare, default_builder, snapshot)
+from nbbatch.ui import plots  # noqa: E402
+
+from helpers import same_weights  # noqa: E402
+
+TIMEOUT = 60
+
+
+@pytest.fixture(scope="module")
+def small():
+    return data.mnist1d(num_samples=1000)        # 800 train / 200 test
+
+
+def make_trainer(d, seed=0, **opts):
+    torch.manual_seed(seed)
+    opts = {"batch_size": 32, "lr": 0.05, "optimizer": "momentum", "seed": seed, "device": "cpu", **opts}
+    return Trainer(models.MLP(), d, **opts)
+
+
+def wait_for(cond, timeout=TIMEOUT):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.002)
+
+
+def check_history(h):
+    steps = h.steps["step"]
+    assert steps == list(range(1, len(steps) + 1)), "lost or duplicated step rows"
+    ex = h.steps["examples"]
+    assert all(b > a for a, b in zip(ex, ex[1:]))
+    ev = h.evals["step"]
+    assert all(b > a for a, b in zip(ev, ev[1:])), "duplicated evaluation rows"
+
+
+# ---------------------------------------------------------------------- Trainer.reschedule
+def test_reschedule_changes_the_next_lr_and_rejects_bad_values(small):
+    t = make_trainer(small)
+    t.fit(steps=3)
+    t.reschedule(lr=0.01)
+    assert t.lr == pytest.approx(0.01)
+    t.fit(steps=1)
+    assert t.history.steps["lr"] == pytest.approx([0.05] * 3 + [0.01])
+    with pytest.raises(ValueError, match="batch_size"):
+        t.reschedule(batch_size=64)
+    with pytest.raises(ValueError, match="lr must be"):
+        t.reschedule(lr=-1.0)
+    with pytest.raises(ValueError, match="warm-up"):
+        t.reschedule(warmup="linear", warmup_steps=10_000)
+    assert t.config.warmup == "none" and t.lr == pytest.approx(0.01)   # the old schedule stays
+
+
+# ---------------------------------------------------------------------- controller
+def test_controller_blocking_run_equals_plain_fit(small):
+    ref = make_trainer(small)
+    ref.fit(epochs=2)
+    t = make_trainer(small)
+    c = RunController(t)
+    c.start(epochs=2, block=True)
+    assert c.state == "finished" and c.error is None
+    assert same_weights(ref.model, t.model)
+    assert t.history.steps["loss"] == ref.history.steps["loss"]
+    assert t.history.evals["eval_loss"] == ref.history.evals["eval_loss"]
+
+
+def test_controller_rejects_bad_input(small):
+    t = make_trainer(small)
+    with pytest.raises(ValueError, match="interleave"):
+        RunController(t, interleave="fastest")
+    with pytest.raises(TypeError, match="Trainer"):
+        RunController([object()])
+    with pytest.raises(ValueError, match="labels"):
+        RunController(t, labels=["a", "b"])
+    c = RunController(t)
+    with pytest.raises(ValueError, match="epochs"):
+        c.start(epochs=0)
+    with pytest.raises(ValueError, match="nothing to continue"):
+        c.start()
+    with pytest.raises(ValueError, match="lr must be"):
+        c.reschedule(lr=float("nan"))
+    with pytest.raises(ValueError, match="run must be"):
+        c.reschedule(run=3, lr=0.1)
+    assert t.step_count == 0 and len(t.history) == 0
+
+
+def test_stop_lands_within_one_step_and_resume_matches_an_uninterrupted_run(small):
+    ref = make_trainer(small)
+    ref.fit(epochs=3)
+    t = make_trainer(small)
+    c = RunController(t)
+    c.start(epochs=3)
+    wait_for(lambda: t.step_count >= 5)
+    c.stop()
+    assert c.wait(TIMEOUT)
+    assert c.stop_latency[-1]["steps"] <= 1
+    assert c.state == "stopped" and c.resumable and t.step_count < 3 * t.steps_per_epoch
+    check_history(t.history)
+    c.start(block=True)                      # continue the stopped segment to its end
+    assert t.step_count == 3 * t.steps_per_epoch
+    assert same_weights(ref.model, t.model)
+    assert t.history.steps["loss"] == ref.history.steps["loss"]
+
+
+def test_pause_holds_between_steps_and_lr_change_applies_to_the_very_next_step(small):
+    t = make_trainer(small)
+    c = RunController(t)
+    c.start(steps=400)
+    wait_for(lambda: t.step_count >= 3)
+    c.pause()
+    assert c.wait_paused(TIMEOUT)
+    k = t.step_count
+    time.sleep(0.05)
+    assert t.step_count == k and c.state == "paused"
+    c.reschedule(lr=0.0123)                  # queued: training is paused, not finished
+    c.resume()
+    wait_for(lambda: t.step_count >= k + 2)
+    c.stop()
+    c.wait(TIMEOUT)
+    lrs = t.history.steps["lr"]
+    assert lrs[k - 1] == pytest.approx(0.05) and lrs[k] == pytest.approx(0.0123)
+    check_history(t.history)
+
+
+def test_errors_in_the_training_thread_are_kept(small):
+    t = make_trainer(small, lr=1e6, optimizer="sgd")
+    c = RunController(t)
+    c.start(steps=50, block=True)
+    assert c.state == "error"
+    assert isinstance(c.error, DivergenceError)
+    assert "diverged" in c.errors[0].message() and "DivergenceError" in c.errors[0].traceback
+    check_history(t.history)
+
+
+def test_interleaved_runs_take_turns_and_match_runs_alone(small):
+    order = []
+    ts = [make_trainer(small, batch_size=b) for b in (16, 64)]
+    for i, t in enumerate(ts):
+        t.add_callback("step_end", lambda tr, row, i=i: order.append(i))
+    c = RunController(ts, interleave="steps")
+    c.start(steps=6, block=True)
+    assert order == [0, 1] * 6
+    ts[0].fit(steps=2)                        # by hand, outside the controller: runs freely
+    assert ts[0].step_count == 8
+    for b, t, n in zip((16, 64), ts, (8, 6)):
+        ref = make_trainer(small, batch_size=b)
+        ref.fit(steps=6)
+        if n == 8:
+            ref.fit(steps=2)
+        assert same_weights(ref.model, t.model)
+
+
+def test_time_interleaving_finishes_every_budget(small):
+    ts = [make_trainer(small, batch_size=b) for b in (8, 200)]
+    c = RunController(ts, interleave="time")
+    c.start(epochs=1, block=True)
+    assert [t.step_count for t in ts] == [100, 4]
+    assert c.state == "finished"
+
+
+# ---------------------------------------------------------------------- panel
+def test_headless_panel_click_trains_deterministically(small):
+    build = default_builder(small, device="cpu")
+    a = TrainingPanel(build=build, epochs=2, headless=True, values={"batch_size": 100, "lr": 0.1})
+    b = TrainingPanel(build=build, epochs=2, headless=True, values={"batch_size": 100, "lr": 0.1})
+    a.train_button.click()
+    b.train_button.click()
+    assert a.trainer.step_count == 16 and a.summary() == b.summary()
+    ref = build(model="mlp", norm="none", batch_size=100, lr=0.1, warmup_steps=0, optimizer="momentum",
+                accumulate=1, precision="auto")
+    ref.fit(epochs=2)
+    assert same_weights(ref.model, a.trainer.model)
+    assert a.image.value[:4] == b"\x89PNG"
+    assert "step <b class='nbbatch-step'>16</b>" in a.status.value
+    assert a.progress.value == a.progress.max == 16
+
+
+def test_panel_value_changes_drive_training(small):
+    p = TrainingPanel(data=small, epochs=1, headless=True, values={"batch_size": 200})
+    p.lr_w.value = 0.02
+    p.warmup_w.value = 2
+    p.train_button.click()
+    lrs = p.trainer.history.steps["lr"]
+    assert lrs[2:] == pytest.approx([0.02] * 2) and lrs[0] < 0.02   # a 2-step linear warm-up
+    first = p.trainer
+    p.batch_size_w.value = 256                # a structural change: the next Train starts a new run
+    p.train_button.click()
+    assert p.trainer is not first and p.trainer.config.batch_size == 256 and p.runs == [first]
+    assert p.trainer.step_count == 4 and first.step_count == 4 and len(first.history) == 4
+
+
+def test_rejected_settings_are_shown_and_keep_the_run(small):
+    p = TrainingPanel(data=small, epochs=1, headless=True, values={"batch_size": 100})
+    p.train_button.click()
+    before = (p.trainer, p.trainer.step_count, len(p.trainer.history))
+    p.batch_size_w.value = 1024               # larger than the 800 training examples
+    p.train_button.click()
+    assert "batch_size=1024 is larger" in str(p.error) and "1024" in p.message.value
+    p.batch_size_w.value = 8
+    p.accumulate_w.value = 16                 # accumulate > batch size
+    p.reset_button.click()
+    assert "accumulate=16" in str(p.error)
+    assert (p.trainer, p.trainer.step_count, len(p.trainer.history)) == before
+    p.batch_size_w.value, p.accumulate_w.value = 100, 1
+    p.warmup_w.value = 500                    # longer than the run: refused by fit, before any step
+    p.train_button.click()
+    assert "warm-up" in str(p.error)
+    assert (p.trainer.step_count, len(p.trainer.history)) == before[1:]
+    p.warmup_w.value = 0
+    p.train_button.click()
+    assert p.trainer.step_count == before[1] + 8
+
+
+def test_divergence_in_the_panel_is_shown_and_kept(small):
+    calls = [0]
+
+    def nan_from_step_4(out, y):              # call 1 is the Trainer's own check, 2..4 steps 1..3
+        calls[0] += 1
+        loss = torch.nn.functional.cross_entropy(out, y)
+        return loss * float("nan") if calls[0] > 4 else loss
+
+    p = TrainingPanel(build=lambda **v: make_trainer(small, batch_size=100, loss=nan_from_step_4),
+                      epochs=1, headless=True)
+    p.train_button.click()
+    assert isinstance(p.error, DivergenceError)
+    assert "diverged" in p.message.value and p.trainer.step_count == 3
+    check_history(p.trainer.history)
+    assert len(p.trainer.history) == 3
+
+
+def test_live_panel_stop_pause_and_checkpoint(small, tmp_path):
+    p = TrainingPanel(data=small, epochs=50, refresh=0.05, checkpoint_path=tmp_path / "run.pt",
+                      values={"batch_size": 16})
+    try:
+        p.train_button.click()
+        wait_for(lambda: p.trainer is not None and p.trainer.step_count >= 5)
+        p.pause_button.click()
+        assert p.controller.wait_paused(TIMEOUT) and p.pause_button.description == "Resume"
+        p.checkpoint_button.click()           # queued while paused, written between steps
+        k = p.trainer.step_count
+        p.pause_button.click()
+        wait_for(lambda: p.trainer.step_count > k + 1)
+        assert (tmp_path / "run.pt").exists()
+        p.stop_button.click()
+        # the training thread draws the final frame when the run ends: it must say "stopped"
+        wait_for(lambda: p._refresher.final_frames >= 1)
+        assert "stopped" in p.status.value
+        assert p.image.value[:4] == b"\x89PNG" and p._refresher.frames >= 1
+        assert p.wait(TIMEOUT)
+        assert p.controller.stop_latency[-1]["steps"] <= 1
+        check_history(p.trainer.history)
+        saved = Trainer.load(tmp_path / "run.pt", models.MLP(), small)
+        assert saved.step_count == k
+    finally:
+        p.close()
+
+
+def test_random_clicks_and_slider_moves_during_training(small, tmp_path):
+    rng = random.Random(0)
+    p = TrainingPanel(data=small, epochs=3, refresh=0.02, checkpoint_path=tmp_path / "c.pt",
+                      values={"batch_size": 32})
+    actions = [
+        lambda: p.train_button.click(),
+        lambda: p.pause_button.click(),
+        lambda: p.stop_button.click(),
+        lambda: p.checkpoint_button.click(),
+        lambda: p.reset_button.click() if rng.random() < 0.2 else None,
+        lambda: setattr(p.lr_w, "value", 10 ** rng.uniform(-3, -0.5)),
+        lambda: setattr(p.warmup_w, "value", rng.choice([0, 10, 20, 500])),
+        lambda: setattr(p.batch_size_w, "value", rng.choice([8, 16, 32, 64, 1024, 4096])),
+        lambda: setattr(p.accumulate_w, "value", rng.choice([1, 2, 16])),
+        lambda: setattr(p.optimizer_w, "value", rng.choice(["sgd", "momentum", "adam"])),
+    ]
+    try:
+        p.train_button.click()
+        for _ in range(300):
+            rng.choice(actions)()
+            time.sleep(rng.choice([0, 0, 0.001, 0.005]))
+        p.stop_button.click()
+        assert p.wait(TIMEOUT)
+        for t in p.runs + [p.trainer]:
+            check_history(t.history)
+        for err in p.errors:
+            assert isinstance(err, (ValueError, DivergenceError)), repr(err)
+        # still resumable: Train runs more steps on the current trainer
+        p.batch_size_w.value, p.accumulate_w.value, p.warmup_w.value = 32, 1, 0
+        p.lr_w.value = 0.01
+        p.headless = True
+        n = p.trainer.step_count if p.trainer.config.batch_size == 32 else 0
+        p.train_button.click()
+        assert p.trainer.step_count > n
+        check_history(p.trainer.history)
+    finally:
+        p.close()
+
+
+def test_panel_rejects_bad_arguments(small):
+    with pytest.raises(ValueError, match="epochs"):
+        TrainingPanel(data=small, epochs=0)
+    with pytest.raises(ValueError, match="values"):
+        TrainingPanel(data=small, values={"batchsize": 3})
+    with pytest.raises(TypeError, match="trainer"):
+        TrainingPanel(trainer=42)
+    with pytest.raises(ValueError, match="refresh"):
+        TrainingPanel(data=small, refresh=0)
+
+
+def test_panel_for_a_given_trainer_fixes_structure(small):
+    t = make_trainer(small, batch_size=100)
+    p = TrainingPanel(t, epochs=1, headless=True)
+    assert p.batch_size_w.disabled and not p.lr_w.disabled and p.batch_size_w.value == 100
+    p.train_button.click()
+    assert p.trainer is t and t.step_count == 8
+    p.reset_button.click()
+    assert "fixed" in p.message.value or "Reset" in p.message.value
+    assert p.trainer is t
+    t.fit(steps=3)                            # a fit by hand is not held by the panel's controller
+    assert t.step_count == 11
+    check_history(t.history)
+
+
+# ---------------------------------------------------------------------- comparison
+def test_compare_scales_lr_and_matches_runs_alone(small):
+    rc = compare((16, 160), data=small, epochs=1, headless=True, interleave="steps", device="cpu")
+    assert [t.peak_lr for t in rc.trainers] == pytest.approx([0.05 * 16 / 64, 0.05 * 160 / 64])
+    assert [r["steps"] for r in rc.table()] == [50, 5]
+    for t in rc.trainers:
+        check_history(t.history)
+    rc2 = RunComparison([{"batch_size": 160, "lr": 0.05, "base_batch_size": 64, "scale_rule": "linear",
+                          "device": "cpu"}], data=small, epochs=1, headless=True)
+    rc2.train()
+    assert same_weights(rc2.trainers[0].model, rc.trainers[1].model)
+    assert rc.image.value[:4] == b"\x89PNG"
+
+
+def test_comparison_stop_is_shared_and_resumable(small):
+    rc = RunComparison([{"batch_size": 8}, {"batch_size": 64}], data=small, epochs=20, interleave="steps")
+    try:
+        rc.train_button.click()
+        wait_for(lambda: rc.trainers[1].step_count >= 3)
+        rc.stop_button.click()
+        assert rc.wait(TIMEOUT)
+        assert rc.controller.stop_latency[-1]["steps"] <= 1
+        assert all(t.step_count < 20 * t.steps_per_epoch for t in rc.trainers)
+        assert abs(rc.trainers[0].step_count - rc.trainers[1].step_count) <= 1
+        rc.headless = True
+        rc.controller.start(steps=1, block=True)
+        for t in rc.trainers:
+            check_history(t.history)
+    finally:
+        rc.close()
+
+
+def test_comparison_rejects_bad_configs(small):
+    with pytest.raises(ValueError, match=r"configs\[1\].*accumulate"):
+        RunComparison([{"batch_size": 8}, {"batch_size": 4, "accumulate": 8}], data=small)
+    with pytest.raises(ValueError, match="configs"):
+        RunComparison([], data=small)
+    with pytest.raises(ValueError, match="batch_sizes"):
+        compare("16", data=small)
+
+
+# ---------------------------------------------------------------------- figures
+def test_live_figure_plots_the_history():
+    h = History()
+    for s in range(1, 4001):
+        h.steps.append({"step": s, "epoch": s / 100, "examples": 8 * s, "loss": 2.0 / s, "lr": 0.1,
+                        "batch_size": 8, "time": 0.01 * s, "examples_per_s": 800.0, "peak_memory": None,
+                        "noise_scale": float(s)})
+    h.evals.append({"step": 100, "epoch": 1.0, "examples": 800, "time": 1.0, "eval_loss": 0.5, "eval_accuracy": 0.7})
+    fig = LiveFigure(["B=8"])
+    png = fig.png([h])
+    assert png[:4] == b"\x89PNG"
+    xs, ys = fig._lines[("loss vs step", 0)].get_data()
+    assert len(xs) <= plots.MAX_POINTS and xs[-1] == 4000 and ys[-1] == pytest.approx(2.0 / 4000)
+    assert list(fig._lines[("eval metric vs step", 0)].get_ydata()) == [0.7]
+    assert fig._noise_ax is not None and fig._lines[("noise", 0)].get_xdata()[-1] == 4000
+    with pytest.raises(ValueError, match="histories"):
+        fig.update([h, h])
+
+
+def test_snapshot_cuts_columns_to_a_common_length():
+    h = History()
+    h.steps.append({"step": 1, "loss": 1.0})
+    h.steps._cols["loss"].append(2.0)         # as if another thread were mid-append
+    s = snapshot(h)
+    assert s["steps"]["loss"] == [1.0] and s["steps"]["step"] == [1]
+
+
+def test_refresher_keeps_errors_and_draws_a_final_frame():
+    calls = []
+
+    def draw():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+
+    r = Refresher(draw, interval=0.01)
+    r.start()
+    wait_for(lambda: len(calls) >= 2)
+    r.final()
+    assert r.final_frames == 1 and r._thread is None and isinstance(r.errors[0], RuntimeError) and r.frames == len(calls) - 1
+    with pytest.raises(ValueError, match="refresh interval"):
+        Refresher(draw, interval=0)
+
+
+# ---------------------------------------------------------------------- Trainer.fit progress bar
+def test_fit_progress_bar_flag_and_environment(small, capsys, monkeypatch):
+    monkeypatch.delenv("NBBATCH_PROGRESS", raising=False)
+    a = make_trainer(small)
+    a.fit(steps=10, progress=True)
+    err = capsys.readouterr().err
+    assert "10/10" in err and "step" in err
+    b = make_trainer(small)
+    b.fit(steps=10)                           # default: off when stderr is not a terminal
+    assert capsys.readouterr().err == ""
+    assert b.history.steps["loss"] == a.history.steps["loss"]   # the bar does not change training
+    monkeypatch.setenv("NBBATCH_PROGRESS", "1")
+    b.fit(steps=5)
+    assert "5/5" in capsys.readouterr().err
+    monkeypatch.setenv("NBBATCH_PROGRESS", "0")
+    b.fit(steps=5)
+    assert capsys.readouterr().err == ""
+    with pytest.raises(TypeError, match="progress"):
+        b.fit(steps=5, progress="yes")
+    assert b.step_count == 20
+
+
+def test_panel_runs_have_no_progress_bar(small, capsys, monkeypatch):
+    monkeypatch.setenv("NBBATCH_PROGRESS", "1")   # even when asked for: never from the training thread
+    p = TrainingPanel(data=small, epochs=1, headless=True, values={"batch_size": 100})
+    p.train_button.click()
+    assert p.trainer.step_count == 8 and capsys.readouterr().err == ""
