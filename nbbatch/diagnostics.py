@@ -818,6 +818,10 @@ class LRFinderResult:
     suggested_lr: float
     stopped_early: bool
 
+    def __repr__(self) -> str:   # the per-step lists are long: show their span, not every value
+        return (f"LRFinderResult(steps={len(self.lrs)}, lrs={self.lrs[0]:.3g}..{self.lrs[-1]:.3g}, "
+                f"suggested_lr={self.suggested_lr:.3g}, stopped_early={self.stopped_early})")
+
     def plot(self, figsize=(5, 3.5)):
         from matplotlib.figure import Figure
 

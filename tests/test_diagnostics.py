@@ -473,3 +473,9 @@ def test_lr_find_restores_a_dataloader_run_exactly(teacher):
     torch.set_rng_state(rng)    # the twin starts its epoch from the same global state
     twin.fit(steps=40)
     assert same_weights(probed.model, twin.model)
+
+
+def test_lr_finder_result_repr_is_a_summary():
+    from nbbatch.diagnostics import LRFinderResult
+    r = LRFinderResult([1e-4] * 99 + [10.0], [2.3] * 100, [2.3] * 100, 0.05, False)
+    assert repr(r) == "LRFinderResult(steps=100, lrs=0.0001..10, suggested_lr=0.05, stopped_early=False)"
