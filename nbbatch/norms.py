@@ -260,6 +260,16 @@ def _image_input(parent: Optional[nn.Module], child_name: str, layer: nn.Module)
     return isinstance(previous, nn.Conv2d)
 
 
+def _fresh_affine(layer: nn.Module) -> nn.Module:
+    """``layer`` with gamma 1 and beta 0 (what a new layer starts with), statistics untouched."""
+    with torch.no_grad():
+        if getattr(layer, "weight", None) is not None:
+            layer.weight.fill_(1.0)
+        if getattr(layer, "bias", None) is not None:
+            layer.bias.fill_(0.0)
+    return layer
+
+
 def _build(to: str, layer: nn.Module, name: str, image: bool, *, virtual_batch_size: int, groups: Optional[int],
            remainder: str, keep_affine: bool) -> nn.Module:
     if to == "none":
@@ -287,7 +297,7 @@ def _build(to: str, layer: nn.Module, name: str, image: bool, *, virtual_batch_s
         if isinstance(layer, _BatchNorm):
             # Same statistic, same meaning: running estimates and counters carry over too.
             new.load_state_dict(layer.state_dict())
-            return new
+            return new if keep_affine else _fresh_affine(new)
     elif to == "group":
         g = groups
         if g is None:
@@ -299,7 +309,8 @@ def _build(to: str, layer: nn.Module, name: str, image: bool, *, virtual_batch_s
         new = nn.GroupNorm(g, channels, eps=eps, affine=affine, **factory)
     else:  # "layer"
         if isinstance(layer, nn.LayerNorm):
-            return copy.deepcopy(layer)
+            new = copy.deepcopy(layer)
+            return new if keep_affine else _fresh_affine(new)
         # GroupNorm(1, C) is layer norm for (N, C) features (identical to LayerNorm(C)) and for
         # (N, C, L) or (N, C, H, W) maps (over all of C and the positions, per-channel affine).
         new = nn.GroupNorm(1, channels, eps=eps, affine=affine, **factory)

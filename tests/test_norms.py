@@ -262,6 +262,26 @@ def test_convert_keep_affine_false_and_dtype():
     assert model[2].weight.dtype == torch.float64
 
 
+@pytest.mark.parametrize("to", ["batch", "ghost"])
+def test_convert_keep_affine_false_between_batch_norms_resets_gamma_beta_only(to):
+    model = MLP(8, (6,), 3, norm="batch")
+    randomise_affine(model[2])
+    _ = model(torch.randn(32, 8))                          # running statistics away from 0 and 1
+    stats = {k: v.clone() for k, v in model[2].state_dict().items() if k.startswith(("running", "num"))}
+    out = convert_norm(model, to, virtual_batch_size=16, keep_affine=False, inplace=False)[2]
+    assert torch.equal(out.weight, torch.ones(6)) and torch.equal(out.bias, torch.zeros(6))
+    for k, v in stats.items():                             # statistics still carry over
+        assert torch.equal(out.state_dict()[k], v)
+
+
+def test_convert_keep_affine_false_layer_norm_to_layer():
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6))
+    randomise_affine(model[1])
+    out = convert_norm(model, "layer", keep_affine=False, inplace=False)[1]
+    assert torch.equal(out.weight, torch.ones(6)) and torch.equal(out.bias, torch.zeros(6))
+    assert not torch.equal(model[1].weight, torch.ones(6))    # the original keeps its own
+
+
 def test_convert_errors_leave_the_model_untouched():
     model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 8), nn.BatchNorm1d(8))
     with pytest.raises(ValueError, match="groups=3 does not divide the 8 channels of 3"):
