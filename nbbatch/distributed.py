@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import math
 import os
 import queue as queue_module
 import socket
@@ -557,8 +558,12 @@ def launch(fn: Callable, nprocs: int = 2, *, args: Sequence = (), kwargs: dict |
         raise ValueError(f"print_output={print_output!r} is not known; use 'rank0', 'all' or 'none'")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive int or None, got {threads!r}")
-    if timeout is not None and not timeout > 0:
-        raise ValueError(f"timeout must be > 0 or None, got {timeout!r}")
+    # Checked here, not where they are first used: grace only on a failure (where a TypeError would
+    # hide the worker's error), timeout inside the workers (an infinite one overflows a timedelta).
+    if timeout is not None and not (_is_real(timeout) and 0 < timeout < math.inf):
+        raise ValueError(f"timeout must be a finite number of seconds > 0, or None, got {timeout!r}")
+    if not (_is_real(grace) and 0 <= grace < math.inf):
+        raise ValueError(f"grace must be a finite number of seconds >= 0, got {grace!r}")
     if port is None:
         port = free_port(host)
     elif isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
@@ -642,6 +647,10 @@ def launch(fn: Callable, nprocs: int = 2, *, args: Sequence = (), kwargs: dict |
             prefix = f"[rank {r}] " if print_output == "all" else ""
             print("".join(prefix + line for line in printed.splitlines(keepends=True)), end="")
     return [gathered[r][1] for r in range(nprocs)]
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _stop_all(procs) -> None:

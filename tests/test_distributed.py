@@ -331,7 +331,12 @@ def test_launch_rejects_bad_arguments_and_a_busy_port(monkeypatch):
                             (dict(print_output="some"), "print_output='some' is not known"),
                             (dict(port=70000), "port must be an int in 1..65535"),
                             (dict(threads=0), "threads must be a positive int"),
-                            (dict(start_method="thread"), "start_method='thread' is not known")]:
+                            (dict(start_method="thread"), "start_method='thread' is not known"),
+                            (dict(timeout=float("inf")), "timeout must be a finite number of seconds > 0"),
+                            (dict(timeout=True), "timeout must be a finite number of seconds > 0"),
+                            (dict(timeout="60"), "timeout must be a finite number of seconds > 0"),
+                            (dict(grace=None), "grace must be a finite number of seconds >= 0"),
+                            (dict(grace=-1.0), "grace must be a finite number of seconds >= 0")]:
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
             launch(sleep_long, **kwargs)
     with pytest.raises(TypeError, match="fn must be callable"):
