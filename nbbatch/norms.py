@@ -387,8 +387,9 @@ def convert_norm(model: nn.Module, to: str, *, virtual_batch_size: int = 32, gro
                          f"build it with the norm you want instead (e.g. models.MLP(norm='batch'))")
     target = model if inplace else copy.deepcopy(model)
     if _is_norm(target):
-        return _build(to, target, "", _image_input(None, "", target), virtual_batch_size=virtual_batch_size,
-                      groups=groups, remainder=remainder, keep_affine=keep_affine)
+        new = _build(to, target, "", _image_input(None, "", target), virtual_batch_size=virtual_batch_size,
+                     groups=groups, remainder=remainder, keep_affine=keep_affine)
+        return new.train(target.training)
     # Build every replacement first (any error leaves the model untouched), then swap.
     swaps = []
     modules = dict(target.named_modules())

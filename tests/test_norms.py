@@ -19,6 +19,7 @@ from nbbatch.norms import (
     BNStatsRecorder,
     GhostBatchNorm1d,
     GhostBatchNorm2d,
+    NORM_KINDS,
     batch_stat_noise,
     batch_stats,
     bn_layers,
@@ -252,6 +253,14 @@ def test_convert_to_none_and_single_layer():
     layer = nn.BatchNorm1d(6)
     new = convert_norm(layer, "group", groups=2)
     assert isinstance(new, nn.GroupNorm) and new.num_groups == 2 and isinstance(layer, nn.BatchNorm1d)
+
+
+@pytest.mark.parametrize("to", NORM_KINDS)
+def test_convert_single_layer_keeps_its_mode(to):
+    for training in (True, False):
+        layer = nn.BatchNorm1d(6).train(training)
+        assert convert_norm(layer, to, inplace=False).training is training
+        assert convert_norm(nn.Sequential(layer), to)[0].training is training
 
 
 def test_convert_keep_affine_false_and_dtype():
