@@ -381,6 +381,8 @@ def convert_norm(model: nn.Module, to: str, *, virtual_batch_size: int = 32, gro
         groups = _check_int("groups", groups, 1)
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be True or False, got {inplace!r}")
+    if not isinstance(keep_affine, bool):
+        raise TypeError(f"keep_affine must be True or False, got {keep_affine!r}")
     if not norm_layers(model):
         raise ValueError(f"model has no normalisation layers to convert (BatchNorm, GroupNorm or LayerNorm); "
                          f"{type(model).__name__} with nn.Identity norm slots is built with norm='none': "

@@ -308,6 +308,8 @@ def test_convert_errors_leave_the_model_untouched():
         convert_norm(model, "ghost", remainder="nope")
     with pytest.raises(TypeError, match="model must be"):
         convert_norm("model", "batch")
+    with pytest.raises(TypeError, match="keep_affine must be True or False, got 'no'"):
+        convert_norm(model, "group", groups=2, keep_affine="no")
     with pytest.raises(ValueError, match="LayerNorm over shape"):
         convert_norm(nn.Sequential(nn.LayerNorm((3, 4))), "batch")
     with pytest.raises(ValueError, match="BatchNorm3d"):
