@@ -55,6 +55,7 @@ import torch
 import torch.distributed as dist
 
 from .batching import DatasetBatches, TensorBatches, epoch_permutation
+from .norms import bn_layers
 
 __all__ = ["Distributed", "DistContext", "LaunchError", "ReportedByRank0", "free_port",
            "launch", "rank", "world_size"]
@@ -256,7 +257,7 @@ class DistContext:
             if 0 < last < W:
                 raise ValueError(f"the last batch of each epoch holds {last} example(s) ({n_train} % {B}), fewer than "
                                  f"the {W} processes; use drop_last=True or a batch size that leaves >= {W}")
-        if self.sync_batchnorm and device.type != "cuda" and _has_batchnorm(model):
+        if self.sync_batchnorm and device.type != "cuda" and bn_layers(model):
             raise ValueError("distributed: sync_batchnorm=True needs CUDA devices (PyTorch's SyncBatchNorm has no CPU "
                              "kernel); on the CPU leave it False: each process normalises over its own share")
 
@@ -353,10 +354,6 @@ class StopAgreed(Exception):
 
 class ReportedByRank0(ValueError):
     """A check failed on a rank other than 0; rank 0 raises the same check with the full report."""
-
-
-def _has_batchnorm(model: torch.nn.Module) -> bool:
-    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def _run_signature(cfg, n_train, model, train_xy=None) -> dict:
