@@ -271,12 +271,14 @@ def _fresh_affine(layer: nn.Module) -> nn.Module:
 
 
 def _build(to: str, layer: nn.Module, name: str, image: bool, *, virtual_batch_size: int, groups: Optional[int],
-           remainder: str, keep_affine: bool) -> nn.Module:
+           remainder: str, keep_affine: bool, model_factory: Optional[dict] = None) -> nn.Module:
     if to == "none":
         return nn.Identity()
     channels = _channels(layer, name)
     affine = _affine(layer)
-    factory = _factory(layer)
+    # A layer without parameters or buffers (affine-less group or layer norm) says nothing of the
+    # model's device and dtype: take the model's, or a new BatchNorm's statistics would not match.
+    factory = _factory(layer) or (model_factory or {})
     eps = layer.eps
     if to in ("batch", "ghost"):
         if isinstance(layer, _BatchNorm):
@@ -395,13 +397,14 @@ def convert_norm(model: nn.Module, to: str, *, virtual_batch_size: int = 32, gro
     # Build every replacement first (any error leaves the model untouched), then swap.
     swaps = []
     modules = dict(target.named_modules())
+    model_factory = _factory(target)
     for name, layer in norm_layers(target):
         parent_name, _, child = name.rpartition(".")
         parent = modules[parent_name]
         if any(name.startswith(done + ".") for done, *_ in swaps):
             continue  # inside a norm layer that is being replaced
         new = _build(to, layer, name, _image_input(parent, child, layer), virtual_batch_size=virtual_batch_size,
-                     groups=groups, remainder=remainder, keep_affine=keep_affine)
+                     groups=groups, remainder=remainder, keep_affine=keep_affine, model_factory=model_factory)
         new.train(layer.training)
         swaps.append((name, parent, child, new))
     for _, parent, child, new in swaps:

@@ -272,6 +272,16 @@ def test_convert_keep_affine_false_and_dtype():
 
 
 @pytest.mark.parametrize("to", ["batch", "ghost"])
+@pytest.mark.parametrize("norm", [nn.GroupNorm(2, 6, affine=False), nn.LayerNorm(6, elementwise_affine=False)])
+def test_convert_affine_less_norm_takes_the_models_dtype(to, norm):
+    model = nn.Sequential(nn.Linear(4, 6), copy.deepcopy(norm)).double()     # the norm layer has no tensors
+    convert_norm(model, to, virtual_batch_size=4)
+    assert model[1].running_mean.dtype == torch.float64
+    x = torch.randn(8, 4, dtype=torch.float64)
+    assert model(x).dtype == torch.float64 and model.eval()(x).dtype == torch.float64
+
+
+@pytest.mark.parametrize("to", ["batch", "ghost"])
 def test_convert_keep_affine_false_between_batch_norms_resets_gamma_beta_only(to):
     model = MLP(8, (6,), 3, norm="batch")
     randomise_affine(model[2])
