@@ -396,17 +396,23 @@ def convert_norm(model: nn.Module, to: str, *, virtual_batch_size: int = 32, gro
         return new.train(target.training)
     # Build every replacement first (any error leaves the model untouched), then swap.
     swaps = []
-    modules = dict(target.named_modules())
+    # Every slot, a layer registered in several places included (remove_duplicate=False): each
+    # slot gets the one replacement of its layer, so shared layers stay shared.
+    modules = dict(target.named_modules(remove_duplicate=False))
+    built: dict[int, nn.Module] = {}
     model_factory = _factory(target)
-    for name, layer in norm_layers(target):
+    for name, layer in modules.items():
+        if not _is_norm(layer):
+            continue
         parent_name, _, child = name.rpartition(".")
         parent = modules[parent_name]
         if any(name.startswith(done + ".") for done, *_ in swaps):
             continue  # inside a norm layer that is being replaced
-        new = _build(to, layer, name, _image_input(parent, child, layer), virtual_batch_size=virtual_batch_size,
-                     groups=groups, remainder=remainder, keep_affine=keep_affine, model_factory=model_factory)
-        new.train(layer.training)
-        swaps.append((name, parent, child, new))
+        if id(layer) not in built:
+            new = _build(to, layer, name, _image_input(parent, child, layer), virtual_batch_size=virtual_batch_size,
+                         groups=groups, remainder=remainder, keep_affine=keep_affine, model_factory=model_factory)
+            built[id(layer)] = new.train(layer.training)
+        swaps.append((name, parent, child, built[id(layer)]))
     for _, parent, child, new in swaps:
         setattr(parent, child, new)
     return target

@@ -271,6 +271,16 @@ def test_convert_keep_affine_false_and_dtype():
     assert model[2].weight.dtype == torch.float64
 
 
+@pytest.mark.parametrize("to", ["ghost", "group"])
+def test_convert_a_layer_shared_by_two_slots_converts_both_and_keeps_them_shared(to):
+    bn = nn.BatchNorm1d(4)
+    model = nn.Sequential(nn.Linear(4, 4), bn, nn.ReLU(), nn.Linear(4, 4), bn)
+    expected = GhostBatchNorm1d if to == "ghost" else nn.GroupNorm
+    for inplace in (False, True):
+        out = convert_norm(model, to, virtual_batch_size=4, inplace=inplace)
+        assert isinstance(out[1], expected) and out[4] is out[1]      # both slots converted, still one layer
+
+
 @pytest.mark.parametrize("to", ["batch", "ghost"])
 @pytest.mark.parametrize("norm", [nn.GroupNorm(2, 6, affine=False), nn.LayerNorm(6, elementwise_affine=False)])
 def test_convert_affine_less_norm_takes_the_models_dtype(to, norm):
