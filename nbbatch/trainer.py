@@ -424,10 +424,15 @@ class Trainer:
         noise = self._noise.EMPTY if self._noise is not None else None
         if noise_due:                                         # (optional) the gradient noise scale
             sq_big = squared_grad_norm(self._params)
-            if self.scaler is not None:
+            if self.scaler is None:
+                noise = self._noise.record(sq_small, sq_big, b_small, n)
+            else:
+                # Under fp16 an overflowed step reaches here (the scaler skips it below): its inf/nan
+                # norms would poison the EMA for the rest of the run, so such a step records nothing.
                 scale2 = self.scaler.get_scale() ** 2
                 sq_small, sq_big = sq_small / scale2, sq_big / scale2
-            noise = self._noise.record(sq_small, sq_big, b_small, n)
+                if bool(torch.isfinite(sq_small) & torch.isfinite(sq_big)):
+                    noise = self._noise.record(sq_small, sq_big, b_small, n)
         if self.config.clip_grad_norm is not None:            # 5. clip (on true, unscaled gradients)
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)

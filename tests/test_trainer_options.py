@@ -1,0 +1,61 @@
+"""The optional parts of the optimizer step in combination: loss scaling with the online noise
+scale, gradient noise and clipping, and what an error inside a loss-scaled step leaves behind.
+
+fp16 training needs a CUDA device, so these tests give a CPU trainer a CPU ``GradScaler``: the
+step takes the same code path (scaled backward, ``unscale_``, ``scaler.step``/``update``).
+"""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from helpers import same_weights
+from nbbatch import Trainer
+
+
+class _Overflow(nn.Module):
+    """A finite loss whose gradient is non-finite for the first ``overflow`` calls: what an fp16
+    overflow looks like to the GradScaler, which then skips the step and lowers its scale."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(8, 3)
+        self.w = nn.Parameter(torch.tensor([1.0]))
+        self.overflow = 0
+
+    def forward(self, x):
+        out = self.lin(x)
+        if self.overflow > 0:
+            self.overflow -= 1
+            return out + 0 * torch.sqrt(self.w - 1.0)   # d sqrt(w - 1)/dw at w = 1: inf, times 0 -> nan
+        return out
+
+
+def _scaled(trainer):
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    return trainer
+
+
+def test_a_step_the_scaler_skips_records_no_noise_scale_and_leaves_the_ema_clean(toy):
+    # accumulate=2: the first micro-batch (the small batch) overflows, the second one does not
+    model = _Overflow()
+    t = _scaled(Trainer(model, toy, batch_size=50, accumulate=2, lr=0.1, seed=0,
+                        noise_scale_every=1, noise_scale_smoothing=0.5))
+    model.overflow = 1
+    t.fit(steps=4, progress=False)
+    steps = t.history.steps
+    assert t.scaler.get_scale() == 2.0 ** 15               # the first step was skipped, the scale halved
+    assert steps["noise_grad_sq"][0] is None and steps["b_simple"][0] is None
+    later = steps["noise_grad_sq"][1:] + steps["noise_trace"][1:] + steps["b_simple"][1:]
+    assert all(v is not None and math.isfinite(v) for v in later)
+
+
+def test_noise_scale_under_the_scaler_matches_the_unscaled_run(toy):
+    plain = Trainer(_Overflow(), toy, batch_size=50, accumulate=2, lr=0.1, seed=0, noise_scale_every=1)
+    scaled = _scaled(Trainer(_Overflow(), toy, batch_size=50, accumulate=2, lr=0.1, seed=0, noise_scale_every=1))
+    plain.fit(steps=3, progress=False)
+    scaled.fit(steps=3, progress=False)
+    for name in ("noise_grad_sq", "noise_trace", "b_simple"):
+        assert scaled.history.steps[name] == pytest.approx(plain.history.steps[name], rel=1e-4)
