@@ -513,6 +513,13 @@ class Trainer:
             # optimizer itself was interrupted; drop partial gradients and re-read the batch.
             self.optimizer.zero_grad(set_to_none=True)
             self._batches = None
+            if self.scaler is not None:
+                # The scaler may have unscaled this step's gradients already; until update() it
+                # would refuse every later step ("unscale_() has already been called"). A fresh
+                # scaler with the same scale and growth tracker forgets the half-done step.
+                scaler = _grad_scaler(self.device)
+                scaler.load_state_dict(self.scaler.state_dict())
+                self.scaler = scaler
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             raise

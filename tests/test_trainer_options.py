@@ -59,3 +59,30 @@ def test_noise_scale_under_the_scaler_matches_the_unscaled_run(toy):
     scaled.fit(steps=3, progress=False)
     for name in ("noise_grad_sq", "noise_trace", "b_simple"):
         assert scaled.history.steps[name] == pytest.approx(plain.history.steps[name], rel=1e-4)
+
+
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_an_error_inside_a_scaled_step_leaves_the_trainer_resumable(toy, clip):
+    # Out of memory in the optimizer's update (Adam allocates its state there), after unscale_ ran:
+    # the next step must run, not fail with "unscale_() has already been called".
+    t = _scaled(Trainer(_Overflow(), toy, batch_size=50, lr=0.01, optimizer="adam", seed=0,
+                        clip_grad_norm=clip, grad_noise=0.01))
+    ref = _scaled(Trainer(_Overflow(), toy, batch_size=50, lr=0.01, optimizer="adam", seed=0,
+                          clip_grad_norm=clip, grad_noise=0.01))
+    real_step = t.optimizer.step
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("simulated")
+
+    t.optimizer.step = out_of_memory
+    rng = torch.get_rng_state()
+    with pytest.raises(torch.OutOfMemoryError):
+        t.step()
+    assert t.step_count == 0 and len(t.history) == 0
+    t.optimizer.step = real_step
+    torch.set_rng_state(rng)   # the failed step drew its gradient noise: draw it again
+    t.fit(steps=3, progress=False)
+    torch.set_rng_state(rng)
+    ref.fit(steps=3, progress=False)
+    assert t.step_count == 3 and t.scaler.get_scale() == ref.scaler.get_scale()
+    assert same_weights(t.model, ref.model)
