@@ -847,12 +847,12 @@ class Trainer:
 
     @classmethod
     def from_plan(cls, model: nn.Module, data, plan, config: TrainConfig | None = None, *, eval_data=None,
-                  **options) -> "Trainer":
+                  distributed="auto", **options) -> "Trainer":
         """A Trainer running an ``nbbatch.memory.plan(...)``: its batch, accumulation, lr and warm-up.
 
         Args:
-            model, data, eval_data: as for ``Trainer``.
-            plan: an ``nbbatch.memory.Plan``.
+            model, data, eval_data, distributed: as for ``Trainer``.
+            plan: an ``nbbatch.memory.Plan`` made for this run's number of processes.
             config, **options: the other fields (optimizer, seed, ...).
 
         Example:
@@ -866,7 +866,16 @@ class Trainer:
         """
         if not hasattr(plan, "to_config"):
             raise TypeError(f"plan must be an nbbatch.memory.Plan, got {type(plan).__name__}")
-        return cls(model, data, plan.to_config(config, **options), eval_data=eval_data)
+        ctx = resolve_distributed(distributed)
+        world = ctx.world_size if ctx is not None else 1
+        if plan.world_size != world:
+            raise ValueError(f"plan: it was made for world_size={plan.world_size} processes but this run has "
+                             f"{world}; plan(..., world_size={world})")
+        cfg = plan.to_config(config, **options)
+        if "batch_size" not in options:
+            # The plan's config holds one device's batch; a data-parallel Trainer's batch_size is the global one.
+            cfg = cfg.replace(batch_size=plan.target_batch)
+        return cls(model, data, cfg, eval_data=eval_data, distributed=distributed)
 
     def __repr__(self) -> str:
         c = self.config

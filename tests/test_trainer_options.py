@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import same_weights
+from helpers import make_mlp, same_weights
 from nbbatch import Trainer
 
 
@@ -86,3 +86,34 @@ def test_an_error_inside_a_scaled_step_leaves_the_trainer_resumable(toy, clip):
     ref.fit(steps=3, progress=False)
     assert t.step_count == 3 and t.scaler.get_scale() == ref.scaler.get_scale()
     assert same_weights(t.model, ref.model)
+
+
+# ---------------------------------------------------------------------------- data parallel
+def _data_parallel_runs(n=96):
+    """In each of two workers: a planned run."""
+    from nbbatch.memory import plan
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(n, 8, generator=g), torch.randint(0, 3, (n,), generator=g)
+    planned = Trainer.from_plan(make_mlp(), (x, y), plan(32, world_size=2, max_micro_batch=8, base_lr=0.1),
+                                optimizer="momentum", seed=0)
+    planned.fit(steps=2, progress=False)
+    return {"planned_batch": planned.history.steps["batch_size"], "accumulate": planned.config.accumulate}
+
+
+def test_data_parallel_plan():
+    from nbbatch.distributed import launch
+
+    ranks = launch(_data_parallel_runs, nprocs=2, timeout=240)
+    for r in ranks:
+        # the plan's effective batch is 2 processes x 2 micro-batches x 8 examples = 32 per step
+        assert r["planned_batch"] == [32, 32] and r["accumulate"] == 2
+
+
+def test_a_plan_for_several_processes_is_refused_in_one(toy):
+    from nbbatch.memory import plan
+
+    p = plan(64, world_size=2, base_lr=0.1)
+    with pytest.raises(ValueError, match="world_size=2"):
+        Trainer.from_plan(make_mlp(), toy, p)
