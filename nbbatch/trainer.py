@@ -440,8 +440,14 @@ class Trainer:
         if self.config.grad_noise > 0:                        # 5b. gradient noise N(0, eta/(1+t)^gamma)
             if self.scaler is not None and self.config.clip_grad_norm is None:
                 self.scaler.unscale_(self.optimizer)
+            generator = None
+            if self._dist is not None:
+                # Every rank must add the same noise to the same all-reduced gradients, whatever its
+                # global generator did (unseeded, or dropout on uneven shards): draw it from the
+                # ranks' shared seed and the step.
+                generator = torch.Generator(self.device).manual_seed((self._data_seed << 32) + self.step_count)
             add_gradient_noise(self._params, gradient_noise_std(self.step_count, self.config.grad_noise,
-                                                                self.config.grad_noise_gamma))
+                                                                self.config.grad_noise_gamma), generator)
         if self.scaler is not None:                           # 6. the update
             self.scaler.step(self.optimizer)
             self.scaler.update()

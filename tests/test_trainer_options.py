@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import make_mlp, same_weights
+from helpers import make_mlp, same_weights, weights
 from nbbatch import Trainer
 
 
@@ -90,7 +90,7 @@ def test_an_error_inside_a_scaled_step_leaves_the_trainer_resumable(toy, clip):
 
 # ---------------------------------------------------------------------------- data parallel
 def _data_parallel_runs(n=96):
-    """In each of two workers: a planned run."""
+    """In each of two workers: a planned run and an unseeded run with gradient noise."""
     from nbbatch.memory import plan
 
     torch.set_num_threads(1)
@@ -99,16 +99,23 @@ def _data_parallel_runs(n=96):
     planned = Trainer.from_plan(make_mlp(), (x, y), plan(32, world_size=2, max_micro_batch=8, base_lr=0.1),
                                 optimizer="momentum", seed=0)
     planned.fit(steps=2, progress=False)
-    return {"planned_batch": planned.history.steps["batch_size"], "accumulate": planned.config.accumulate}
+    model = make_mlp()
+    torch.manual_seed(planned.rank)   # the ranks' global generators differ, as they do unseeded
+    noisy = Trainer(model, (x, y), batch_size=32, lr=0.1, seed=None, grad_noise=0.1)
+    noisy.fit(steps=3, progress=False)
+    return {"planned_batch": planned.history.steps["batch_size"], "accumulate": planned.config.accumulate,
+            "noisy": weights(noisy.model)}
 
 
-def test_data_parallel_plan():
+def test_data_parallel_plan_and_gradient_noise():
     from nbbatch.distributed import launch
 
     ranks = launch(_data_parallel_runs, nprocs=2, timeout=240)
     for r in ranks:
         # the plan's effective batch is 2 processes x 2 micro-batches x 8 examples = 32 per step
         assert r["planned_batch"] == [32, 32] and r["accumulate"] == 2
+    # every rank adds the same noise to the same all-reduced gradient: the replicas stay equal
+    assert all(torch.equal(p, q) for p, q in zip(ranks[0]["noisy"], ranks[1]["noisy"]))
 
 
 def test_a_plan_for_several_processes_is_refused_in_one(toy):
