@@ -779,8 +779,16 @@ class Trainer:
         if state.get("version", CHECKPOINT_VERSION) > CHECKPOINT_VERSION:
             raise ValueError(f"state has version {state['version']}; this nbbatch reads up to {CHECKPOINT_VERSION}")
         p = state["progress"]
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        # Module.load_state_dict copies the tensors that fit before it reports those that do not:
+        # check every name and shape first, so a state for another model changes nothing.
+        current, saved = self.model.state_dict(), state["model"]
+        wrong = sorted(set(current) ^ set(saved)) + [
+            k for k in current if k in saved and getattr(saved[k], "shape", None) != getattr(current[k], "shape", None)]
+        if wrong:
+            raise ValueError(f"state: its model does not fit this trainer's model (names or shapes differ at "
+                             f"{wrong[:5]}); load it into the model it was saved from")
+        self.optimizer.load_state_dict(state["optimizer"])   # checks its groups before it changes anything
+        self.model.load_state_dict(saved)
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step_count, self.epoch, self.batch_in_epoch = p["step"], p["epoch"], p["batch_in_epoch"]

@@ -124,3 +124,20 @@ def test_a_plan_for_several_processes_is_refused_in_one(toy):
     p = plan(64, world_size=2, base_lr=0.1)
     with pytest.raises(ValueError, match="world_size=2"):
         Trainer.from_plan(make_mlp(), toy, p)
+
+
+# ---------------------------------------------------------------------------- state
+def test_a_state_for_another_model_changes_nothing(toy):
+    t = Trainer(make_mlp(), toy, batch_size=50, lr=0.1, seed=0)
+    t.fit(steps=2, progress=False)
+    other = Trainer(make_mlp(seed=1, d_out=4), (toy[0], toy[1] % 4), batch_size=50, lr=0.1, seed=0)
+    other.fit(steps=3, progress=False)
+    before, optimizer_before = weights(t.model), t.optimizer.state_dict()
+    # the first layer fits, the last one does not: nothing may be copied
+    with pytest.raises(ValueError, match=r"does not fit this trainer's model .*'2\.weight'"):
+        t.load_state_dict(other.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(before, weights(t.model)))
+    assert t.step_count == 2 and len(t.history) == 2
+    assert t.optimizer.state_dict() == optimizer_before
+    t.fit(steps=1, progress=False)
+    assert t.step_count == 3
