@@ -562,8 +562,8 @@ class Trainer:
         self._stop_requested = False
         self._interrupted = False
         reset_peak_memory(self.device)
+        bar = _progress_bar(progress, end - self.step_count)   # before the handler: if it fails, none is left installed
         previous_handler = self._install_interrupt_handler()
-        bar = _progress_bar(progress, end - self.step_count)
         reason = "completed"
         try:
             self._trigger("fit_start", {})

@@ -141,3 +141,23 @@ def test_a_state_for_another_model_changes_nothing(toy):
     assert t.optimizer.state_dict() == optimizer_before
     t.fit(steps=1, progress=False)
     assert t.step_count == 3
+
+
+# ---------------------------------------------------------------------------- fit
+def test_a_progress_bar_that_fails_leaves_no_interrupt_handler_behind(toy, monkeypatch):
+    import signal
+
+    import nbbatch.trainer as trainer_module
+
+    def broken(progress, total):
+        raise RuntimeError("no terminal")
+
+    t = Trainer(make_mlp(), toy, batch_size=50, lr=0.1, seed=0)
+    handler = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(trainer_module, "_progress_bar", broken)
+    with pytest.raises(RuntimeError, match="no terminal"):
+        t.fit(steps=2, progress=True)
+    assert signal.getsignal(signal.SIGINT) is handler   # Ctrl-C still interrupts the kernel
+    monkeypatch.undo()
+    t.fit(steps=2, progress=False)
+    assert t.step_count == 2
