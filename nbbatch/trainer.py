@@ -546,7 +546,8 @@ class Trainer:
 
         ``progress`` shows a tqdm bar (``tqdm.auto``: a widget in notebooks, text in terminals);
         the default shows it in a terminal, or wherever ``NBBATCH_PROGRESS=1``, and never
-        outside the main thread or with ``NBBATCH_PROGRESS=0`` (headless runs).
+        outside the main thread or with ``NBBATCH_PROGRESS=0`` (headless runs); data-parallel,
+        only rank 0 shows it.
         """
         if progress is not None and not isinstance(progress, bool):
             raise TypeError(f"progress must be True, False or None, got {progress!r}")
@@ -562,7 +563,8 @@ class Trainer:
         self._stop_requested = False
         self._interrupted = False
         reset_peak_memory(self.device)
-        bar = _progress_bar(progress, end - self.step_count)   # before the handler: if it fails, none is left installed
+        # before the handler: if it fails, none is left installed; data-parallel, on rank 0 only (as prints are)
+        bar = _progress_bar(progress, end - self.step_count) if self.is_main_process else None
         previous_handler = self._install_interrupt_handler()
         reason = "completed"
         try:

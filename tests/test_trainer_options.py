@@ -90,7 +90,7 @@ def test_an_error_inside_a_scaled_step_leaves_the_trainer_resumable(toy, clip):
 
 # ---------------------------------------------------------------------------- data parallel
 def _data_parallel_runs(n=96):
-    """In each of two workers: a planned run and an unseeded run with gradient noise."""
+    """In each of two workers: a planned run, then an unseeded run with gradient noise and a progress bar."""
     from nbbatch.memory import plan
 
     torch.set_num_threads(1)
@@ -103,11 +103,16 @@ def _data_parallel_runs(n=96):
     torch.manual_seed(planned.rank)   # the ranks' global generators differ, as they do unseeded
     noisy = Trainer(model, (x, y), batch_size=32, lr=0.1, seed=None, grad_noise=0.1)
     noisy.fit(steps=3, progress=False)
+    import nbbatch.trainer as trainer_module
+    bars = []
+    make_bar = trainer_module._progress_bar
+    trainer_module._progress_bar = lambda progress, total: bars.append(make_bar(progress, total)) or bars[-1]
+    noisy.fit(steps=1, progress=True)
     return {"planned_batch": planned.history.steps["batch_size"], "accumulate": planned.config.accumulate,
-            "noisy": weights(noisy.model)}
+            "noisy": weights(noisy.model), "bar": bool(bars) and bars[0] is not None}
 
 
-def test_data_parallel_plan_and_gradient_noise():
+def test_data_parallel_plan_gradient_noise_and_progress_bar():
     from nbbatch.distributed import launch
 
     ranks = launch(_data_parallel_runs, nprocs=2, timeout=240)
@@ -116,6 +121,8 @@ def test_data_parallel_plan_and_gradient_noise():
         assert r["planned_batch"] == [32, 32] and r["accumulate"] == 2
     # every rank adds the same noise to the same all-reduced gradient: the replicas stay equal
     assert all(torch.equal(p, q) for p, q in zip(ranks[0]["noisy"], ranks[1]["noisy"]))
+    # like prints and plots, the progress bar comes from rank 0 only
+    assert [r["bar"] for r in ranks] == [True, False]
 
 
 def test_a_plan_for_several_processes_is_refused_in_one(toy):
