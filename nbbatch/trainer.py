@@ -445,7 +445,8 @@ class Trainer:
                 # Every rank must add the same noise to the same all-reduced gradients, whatever its
                 # global generator did (unseeded, or dropout on uneven shards): draw it from the
                 # ranks' shared seed and the step.
-                generator = torch.Generator(self.device).manual_seed((self._data_seed << 32) + self.step_count)
+                seed = ((self._data_seed << 32) + self.step_count) % (1 << 63)   # any int seed, in manual_seed's range
+                generator = torch.Generator(self.device).manual_seed(seed)
             add_gradient_noise(self._params, gradient_noise_std(self.step_count, self.config.grad_noise,
                                                                 self.config.grad_noise_gamma), generator)
         if self.scaler is not None:                           # 6. the update
