@@ -168,3 +168,10 @@ def test_a_progress_bar_that_fails_leaves_no_interrupt_handler_behind(toy, monke
     monkeypatch.undo()
     t.fit(steps=2, progress=False)
     assert t.step_count == 2
+
+
+def test_noise_scale_with_single_example_batches_is_refused(toy):
+    # with one example per step there is no smaller batch: nothing would ever be recorded
+    with pytest.raises(ValueError, match="noise_scale_every=5 .* needs batch_size >= 2, got batch_size=1"):
+        Trainer(make_mlp(), toy, batch_size=1, noise_scale_every=5)
+    assert Trainer(make_mlp(), toy, batch_size=2, noise_scale_every=5).config.noise_scale_every == 5
