@@ -1,5 +1,6 @@
 """The optional parts of the optimizer step in combination: loss scaling with the online noise
-scale, gradient noise and clipping, and what an error inside a loss-scaled step leaves behind.
+scale, gradient noise and clipping, what an error inside a loss-scaled step leaves behind, plans
+and gradient noise over several processes, loading a state that does not fit, and fit's set-up.
 
 fp16 training needs a CUDA device, so these tests give a CPU trainer a CPU ``GradScaler``: the
 step takes the same code path (scaled backward, ``unscale_``, ``scaler.step``/``update``).
