@@ -75,7 +75,8 @@ class TrainConfig:
         grad_noise_gamma: gamma of that decay (0.55 in the paper).
         noise_scale_every: every this many steps, estimate the gradient noise scale from the first
             micro-batch against the whole batch (two half-batches when ``accumulate=1``) and record
-            ``noise_grad_sq``, ``noise_trace`` and ``b_simple`` in the History (None: off).
+            ``noise_grad_sq``, ``noise_trace`` and ``b_simple`` in the History (None: off); needs
+            ``batch_size >= 2``.
         noise_scale_smoothing: EMA weight of the past for the recorded ``b_simple``, in [0, 1).
         checkpoint_segments: activation checkpointing of an ``nn.Sequential`` model in this many
             chunks (0: off); see ``nbbatch.memory.CheckpointedSequential``.
@@ -199,6 +200,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.noise_scale_every is not None:
             self._check_positive_int("noise_scale_every")
+            if self.batch_size < 2:
+                raise ValueError(f"noise_scale_every={self.noise_scale_every} compares a smaller batch with the whole "
+                                 f"one and needs batch_size >= 2, got batch_size={self.batch_size}")
         if not _is_number(self.noise_scale_smoothing) or not 0.0 <= self.noise_scale_smoothing < 1.0:
             raise ValueError(f"noise_scale_smoothing must lie in [0, 1), got {self.noise_scale_smoothing!r}")
         if not _is_int(self.checkpoint_segments) or self.checkpoint_segments < 0 or self.checkpoint_segments == 1:

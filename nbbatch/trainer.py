@@ -424,10 +424,15 @@ class Trainer:
         noise = self._noise.EMPTY if self._noise is not None else None
         if noise_due:                                         # (optional) the gradient noise scale
             sq_big = squared_grad_norm(self._params)
-            if self.scaler is not None:
+            if self.scaler is None:
+                noise = self._noise.record(sq_small, sq_big, b_small, n)
+            else:
+                # Under fp16 an overflowed step reaches here (the scaler skips it below): its inf/nan
+                # norms would poison the EMA for the rest of the run, so such a step records nothing.
                 scale2 = self.scaler.get_scale() ** 2
                 sq_small, sq_big = sq_small / scale2, sq_big / scale2
-            noise = self._noise.record(sq_small, sq_big, b_small, n)
+                if bool(torch.isfinite(sq_small) & torch.isfinite(sq_big)):
+                    noise = self._noise.record(sq_small, sq_big, b_small, n)
         if self.config.clip_grad_norm is not None:            # 5. clip (on true, unscaled gradients)
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
@@ -435,8 +440,15 @@ class Trainer:
         if self.config.grad_noise > 0:                        # 5b. gradient noise N(0, eta/(1+t)^gamma)
             if self.scaler is not None and self.config.clip_grad_norm is None:
                 self.scaler.unscale_(self.optimizer)
+            generator = None
+            if self._dist is not None:
+                # Every rank must add the same noise to the same all-reduced gradients, whatever its
+                # global generator did (unseeded, or dropout on uneven shards): draw it from the
+                # ranks' shared seed and the step.
+                seed = ((self._data_seed << 32) + self.step_count) % (1 << 63)   # any int seed, in manual_seed's range
+                generator = torch.Generator(self.device).manual_seed(seed)
             add_gradient_noise(self._params, gradient_noise_std(self.step_count, self.config.grad_noise,
-                                                                self.config.grad_noise_gamma))
+                                                                self.config.grad_noise_gamma), generator)
         if self.scaler is not None:                           # 6. the update
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -508,6 +520,13 @@ class Trainer:
             # optimizer itself was interrupted; drop partial gradients and re-read the batch.
             self.optimizer.zero_grad(set_to_none=True)
             self._batches = None
+            if self.scaler is not None:
+                # The scaler may have unscaled this step's gradients already; until update() it
+                # would refuse every later step ("unscale_() has already been called"). A fresh
+                # scaler with the same scale and growth tracker forgets the half-done step.
+                scaler = _grad_scaler(self.device)
+                scaler.load_state_dict(self.scaler.state_dict())
+                self.scaler = scaler
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             raise
@@ -528,7 +547,8 @@ class Trainer:
 
         ``progress`` shows a tqdm bar (``tqdm.auto``: a widget in notebooks, text in terminals);
         the default shows it in a terminal, or wherever ``NBBATCH_PROGRESS=1``, and never
-        outside the main thread or with ``NBBATCH_PROGRESS=0`` (headless runs).
+        outside the main thread or with ``NBBATCH_PROGRESS=0`` (headless runs); data-parallel,
+        only rank 0 shows it.
         """
         if progress is not None and not isinstance(progress, bool):
             raise TypeError(f"progress must be True, False or None, got {progress!r}")
@@ -544,8 +564,9 @@ class Trainer:
         self._stop_requested = False
         self._interrupted = False
         reset_peak_memory(self.device)
+        # before the handler: if it fails, none is left installed; data-parallel, on rank 0 only (as prints are)
+        bar = _progress_bar(progress, end - self.step_count) if self.is_main_process else None
         previous_handler = self._install_interrupt_handler()
-        bar = _progress_bar(progress, end - self.step_count)
         reason = "completed"
         try:
             self._trigger("fit_start", {})
@@ -761,8 +782,16 @@ class Trainer:
         if state.get("version", CHECKPOINT_VERSION) > CHECKPOINT_VERSION:
             raise ValueError(f"state has version {state['version']}; this nbbatch reads up to {CHECKPOINT_VERSION}")
         p = state["progress"]
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        # Module.load_state_dict copies the tensors that fit before it reports those that do not:
+        # check every name and shape first, so a state for another model changes nothing.
+        current, saved = self.model.state_dict(), state["model"]
+        wrong = sorted(set(current) ^ set(saved)) + [
+            k for k in current if k in saved and getattr(saved[k], "shape", None) != getattr(current[k], "shape", None)]
+        if wrong:
+            raise ValueError(f"state: its model does not fit this trainer's model (names or shapes differ at "
+                             f"{wrong[:5]}); load it into the model it was saved from")
+        self.optimizer.load_state_dict(state["optimizer"])   # checks its groups before it changes anything
+        self.model.load_state_dict(saved)
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step_count, self.epoch, self.batch_in_epoch = p["step"], p["epoch"], p["batch_in_epoch"]
@@ -835,12 +864,12 @@ class Trainer:
 
     @classmethod
     def from_plan(cls, model: nn.Module, data, plan, config: TrainConfig | None = None, *, eval_data=None,
-                  **options) -> "Trainer":
+                  distributed="auto", **options) -> "Trainer":
         """A Trainer running an ``nbbatch.memory.plan(...)``: its batch, accumulation, lr and warm-up.
 
         Args:
-            model, data, eval_data: as for ``Trainer``.
-            plan: an ``nbbatch.memory.Plan``.
+            model, data, eval_data, distributed: as for ``Trainer``.
+            plan: an ``nbbatch.memory.Plan`` made for this run's number of processes.
             config, **options: the other fields (optimizer, seed, ...).
 
         Example:
@@ -854,7 +883,16 @@ class Trainer:
         """
         if not hasattr(plan, "to_config"):
             raise TypeError(f"plan must be an nbbatch.memory.Plan, got {type(plan).__name__}")
-        return cls(model, data, plan.to_config(config, **options), eval_data=eval_data)
+        ctx = resolve_distributed(distributed)
+        world = ctx.world_size if ctx is not None else 1
+        if plan.world_size != world:
+            raise ValueError(f"plan: it was made for world_size={plan.world_size} processes but this run has "
+                             f"{world}; plan(..., world_size={world})")
+        cfg = plan.to_config(config, **options)
+        if "batch_size" not in options:
+            # The plan's config holds one device's batch; a data-parallel Trainer's batch_size is the global one.
+            cfg = cfg.replace(batch_size=plan.target_batch)
+        return cls(model, data, cfg, eval_data=eval_data, distributed=distributed)
 
     def __repr__(self) -> str:
         c = self.config
