@@ -74,9 +74,10 @@ class TrainConfig:
             is added to every gradient (after clipping) at step t; 0 (default) turns it off.
         grad_noise_gamma: gamma of that decay (0.55 in the paper).
         noise_scale_every: every this many steps, estimate the gradient noise scale from the first
-            micro-batch against the whole batch (two half-batches when ``accumulate=1``) and record
-            ``noise_grad_sq``, ``noise_trace`` and ``b_simple`` in the History (None: off); needs
-            ``batch_size >= 2``.
+            micro-batch against the whole batch (two half-batches when ``accumulate=1``: the same update
+            up to rounding, except over batch norm, where each half is normalised on its own and the
+            Trainer warns) and record ``noise_grad_sq``, ``noise_trace`` and ``b_simple`` in the History
+            (None: off); needs ``batch_size >= 2``.
         noise_scale_smoothing: EMA weight of the past for the recorded ``b_simple``, in [0, 1).
         checkpoint_segments: activation checkpointing of an ``nn.Sequential`` model in this many
             chunks (0: off); see ``nbbatch.memory.CheckpointedSequential``.

@@ -867,7 +867,8 @@ def _micro_sizes(batch_size: int, accumulate: int) -> list[int]:
     return [q + 1] * r + [q] * (k - r)
 
 
-def warn_accumulation_with_bn(model: nn.Module, batch_size: int, accumulate: int, *, stacklevel: int = 2) -> bool:
+def warn_accumulation_with_bn(model: nn.Module, batch_size: int, accumulate: int, *, stacklevel: int = 2,
+                              cause: str | None = None) -> bool:
     """Warn (:class:`BatchNormAccumulationWarning`) when accumulating over a model with batch norm.
 
     With ``accumulate = k`` each micro-batch is normalised with its own statistics and moves the
@@ -881,6 +882,7 @@ def warn_accumulation_with_bn(model: nn.Module, batch_size: int, accumulate: int
         batch_size: Examples per optimizer step.
         accumulate: Micro-batches per optimizer step.
         stacklevel: Passed to ``warnings.warn``.
+        cause: what splits the batch, when it is not ``accumulate=...`` itself (the message starts with it).
 
     Returns:
         Whether it warned.
@@ -905,7 +907,7 @@ def warn_accumulation_with_bn(model: nn.Module, batch_size: int, accumulate: int
     shown = sorted(set(sizes))
     micro = str(shown[0]) if len(shown) == 1 else " or ".join(map(str, shown))
     warnings.warn(
-        f"accumulate={accumulate} over a model with batch norm ({len(layers)} BN layer(s)): each micro-batch of "
+        f"{cause or f'accumulate={accumulate}'} over a model with batch norm ({len(layers)} BN layer(s)): each micro-batch of "
         f"{micro} examples is normalised with its own statistics and moves the running estimates "
         f"{len(sizes)} times per step, so this is not one batch of {batch_size} but ghost batch norm with "
         f"virtual batches of {micro}. Choices: keep those semantics on purpose with "

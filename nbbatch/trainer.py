@@ -182,8 +182,13 @@ class Trainer:
             dist_ctx.check(cfg, n_train, model, device, source, train_xy)
 
         # ---- build --------------------------------------------------------------------------
-        # Accumulating over batch norm normalises each micro-batch on its own: say so, once.
-        warn_accumulation_with_bn(model, cfg.batch_size, cfg.accumulate, stacklevel=2)
+        # Accumulating over batch norm normalises each micro-batch on its own: say so, once. Without
+        # accumulation the online noise scale splits its measured steps in two halves: the same caveat.
+        if cfg.accumulate == 1 and cfg.noise_scale_every is not None:
+            warn_accumulation_with_bn(model, cfg.batch_size, 2, stacklevel=2,
+                                      cause=f"noise_scale_every={cfg.noise_scale_every} (measured steps run as two half-batches)")
+        else:
+            warn_accumulation_with_bn(model, cfg.batch_size, cfg.accumulate, stacklevel=2)
         self.config = cfg
         self.device = device
         self.precision = precision

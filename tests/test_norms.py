@@ -563,6 +563,17 @@ def test_trainer_does_not_warn_without_bn_or_without_accumulation(toy, norm, acc
     assert found == []
 
 
+def test_trainer_warns_when_the_online_noise_scale_splits_a_batch_norm_step(toy):
+    """Without accumulation a measured step runs as two half-batches: over BN that changes the update."""
+    _, found = fit_weights(MLP(8, (16,), 3, norm="batch"), toy, accumulate=1, noise_scale_every=2)
+    assert len(found) == 1
+    message = str(found[0].message)
+    assert message.startswith("noise_scale_every=2 (measured steps run as two half-batches)")
+    assert "micro-batch of 16 examples" in message
+    _, found = fit_weights(MLP(8, (16,), 3), toy, accumulate=1, noise_scale_every=2)
+    assert found == []                                   # no BN: the halves give the same update
+
+
 def test_accumulation_is_exact_without_bn_and_with_matching_ghost_bn_but_not_with_bn(toy):
     def run(model, accumulate):
         return fit_weights(copy.deepcopy(model), toy, accumulate)
