@@ -747,25 +747,32 @@ def measure(model: nn.Module, data, batch_sizes: Sequence[int], config=None, *, 
     device = resolve_device(configs[0].device)
     resolve_precision(configs[0].precision, device)
     rows = []
-    rng = torch.get_rng_state()   # the trial Trainers seed torch; the caller's RNG is left as it was
-    for cfg in configs:
-        work = copy.deepcopy(model)
-        try:
-            # CUDA: the allocator's peak of the second step, when the optimizer state (and the
-            # library workspaces) exist, as in the finder; the CPU accounting counts the state after step one
-            row = _trial(work, x, y, cfg, steps=2 if device.type == "cuda" else 1, timed=steps)
-        except BaseException as err:   # noqa: B902 - only out-of-memory is handled, the rest re-raised
-            if not _is_oom(err):
-                raise
-            _release_after_oom(err, device)
-            rows.append({"batch_size": cfg.batch_size, "oom": True, "total": None})
-            break
-        finally:
-            del work
-        row["rss_peak"] = process_peak_rss_bytes() if device.type == "cpu" else None
-        row["config"] = label
-        rows.append(row)
-    torch.set_rng_state(rng)
+    # the trial Trainers seed torch (the CPU and every CUDA device): the caller's RNG is left as
+    # it was, also when a trial raises
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
+    try:
+        for cfg in configs:
+            work = copy.deepcopy(model)
+            try:
+                # CUDA: the allocator's peak of the second step, when the optimizer state (and the
+                # library workspaces) exist, as in the finder; the CPU accounting counts the state after step one
+                row = _trial(work, x, y, cfg, steps=2 if device.type == "cuda" else 1, timed=steps)
+            except BaseException as err:   # noqa: B902 - only out-of-memory is handled, the rest re-raised
+                if not _is_oom(err):
+                    raise
+                _release_after_oom(err, device)
+                rows.append({"batch_size": cfg.batch_size, "oom": True, "total": None})
+                break
+            finally:
+                del work
+            row["rss_peak"] = process_peak_rss_bytes() if device.type == "cpu" else None
+            row["config"] = label
+            rows.append(row)
+    finally:
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
     from .device import describe_device
     return MemoryReport(rows, describe_device(device), label)
 

@@ -234,6 +234,30 @@ def test_measure_rows_model_untouched_and_exact_linear_fit():
     assert {"params", "grads", "optimizer", "saved", "total", "examples_per_s"} <= set(df.columns)
 
 
+class FailsAbove(nn.Module):
+    """A model whose forward raises (not out of memory) on batches above ``n`` examples."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.n, self.layer = n, nn.Linear(40, 10)
+
+    def forward(self, x):
+        if len(x) > self.n:
+            raise RuntimeError("a bug in the model")
+        return self.layer(x)
+
+
+def test_measure_leaves_the_rng_alone_when_a_trial_raises():
+    # the trial Trainer seeds torch before its step raises: the caller's RNG must come back anyway
+    x, y = data(64)
+    model = FailsAbove(16)
+    torch.manual_seed(123)
+    rng = torch.get_rng_state()
+    with pytest.raises(RuntimeError, match="a bug in the model"):
+        measure(model, (x, y), [8, 32], steps=0, seed=0)
+    assert torch.equal(rng, torch.get_rng_state())
+
+
 @pytest.mark.parametrize("bad", [[], [0, 8], [-4], [2.5], "32"])
 def test_measure_rejects_bad_batch_lists(bad):
     with pytest.raises((ValueError, TypeError), match="batch_sizes"):
