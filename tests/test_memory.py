@@ -443,12 +443,23 @@ def test_out_of_memory_is_a_failed_trial_and_its_frames_are_released(toy, monkey
     before = copy.deepcopy(t.state_dict())
     held = []
     monkeypatch.setattr(mem, "_trial", _oom_above(mem._trial, 300, held))
+    # what is still alive right after the release, while the error (and its traceback) still
+    # exists: the release must free the step's tensors then, before the cache is emptied
+    alive_after_release = []
+    real_release = mem._release_after_oom
+
+    def release(err, device):
+        real_release(err, device)
+        alive_after_release.append(sum(ref() is not None for ref in held))
+
+    monkeypatch.setattr(mem, "_release_after_oom", release)
     for strategy in ("bisect", "model"):
         r = find_max_batch_size(t, budget=10**9, strategy=strategy)
         assert r.batch_size == 300
         assert any(tr.get("oom") for tr in r.trials) and all(not tr["fits"] for tr in r.trials if tr.get("oom"))
     # every failed step's tensors were released with its frames (nothing keeps them alive)
     assert held and all(ref() is None for ref in held)
+    assert len(alive_after_release) == len(held) and not any(alive_after_release)
     after = t.state_dict()
     assert all(torch.equal(a, b) for a, b in zip(before["model"].values(), after["model"].values()))
     t.fit(steps=1)   # and the trainer trains on
