@@ -290,8 +290,9 @@ def noise_scale_two_batch(model: nn.Module, data, b_small: int, b_big: int, *, d
     Each draw takes a small and a big batch (random examples without replacement, seeded), computes
     their mean-loss gradients with ``loss.backward()`` and feeds the two squared norms to
     ``two_batch_estimate``. The estimates are averaged (``smoothing=None``) or smoothed with an EMA,
-    numerator and denominator separately. The model's parameters and ``.grad`` are left as they
-    were; the model runs in its current mode.
+    numerator and denominator separately. The model's parameters, buffers and ``.grad`` are left
+    as they were; the model runs in its current mode (in training mode batch norm normalises by
+    batch statistics; its running statistics are put back afterwards).
 
     Args:
         model: the model at the weights to measure.
@@ -320,6 +321,8 @@ def noise_scale_two_batch(model: nn.Module, data, b_small: int, b_big: int, *, d
     device = _device_of(model)
     params = [p for p in model.parameters() if p.requires_grad]
     saved = [None if p.grad is None else p.grad.clone() for p in params]
+    # a forward in training mode moves batch-norm running statistics: a measurement must not
+    saved_buffers = [b.detach().clone() for b in model.buffers()]
     gen = torch.Generator().manual_seed(seed)
     sums = [0.0, 0.0]
 
@@ -342,6 +345,9 @@ def noise_scale_two_batch(model: nn.Module, data, b_small: int, b_big: int, *, d
     finally:
         for p, g in zip(params, saved):
             p.grad = g
+        with torch.no_grad():
+            for b, v in zip(model.buffers(), saved_buffers):
+                b.copy_(v)
     if smoothing is None:
         return NoiseScale.of(sums[1] / draws, sums[0] / draws, draws * (b_small + b_big))
     return NoiseScale.of(ema.trace, ema.grad_sq, draws * (b_small + b_big))

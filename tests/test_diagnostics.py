@@ -152,6 +152,17 @@ def test_two_batch_noise_scale_rejects_bad_input_and_keeps_grads():
     assert all(torch.equal(p.grad, torch.full_like(p, 7.0)) for p in model.parameters())
 
 
+def test_two_batch_noise_scale_leaves_batch_norm_statistics_alone():
+    torch.manual_seed(0)
+    x, y = torch.randn(256, 4), torch.randint(0, 3, (256,))
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))   # training mode
+    before = copy.deepcopy(model.state_dict())
+    est = noise_scale_two_batch(model, (x, y), 4, 64, draws=5)
+    assert math.isfinite(est.trace)
+    assert model.training
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_ema_smooths_numerator_and_denominator_separately():
     ema = NoiseScaleEMA(0.5)
     assert math.isnan(ema.b_simple)
