@@ -881,14 +881,14 @@ def lr_find(trainer, *, start_lr: float = 1e-4, end_lr: float = 10.0, steps: int
     if isinstance(diverge, bool) or not isinstance(diverge, (int, float)) or not diverge > 1:
         raise ValueError(f"diverge must be a number > 1, got {diverge!r}")
 
-    model, opt = trainer.model, trainer.optimizer
+    model, opt, scaler = trainer.model, trainer.optimizer, trainer.scaler
     params = [p for g in opt.param_groups for p in g["params"]]
     saved_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
     saved_opt = copy.deepcopy(opt.state_dict())
     saved_grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
     saved_rng = torch.get_rng_state()
     saved_cuda = torch.cuda.get_rng_state_all() if trainer.device.type == "cuda" else None
-    saved_scaler = copy.deepcopy(trainer.scaler.state_dict()) if trainer.scaler is not None else None
+    saved_scaler = copy.deepcopy(scaler.state_dict()) if scaler is not None else None
     was_training = model.training
 
     lrs, losses, smoothed = [], [], []
@@ -913,7 +913,8 @@ def lr_find(trainer, *, start_lr: float = 1e-4, end_lr: float = 10.0, steps: int
             for xm, ym in zip(xb.tensor_split(k), yb.tensor_split(k)):
                 with trainer._autocast:
                     loss = trainer.loss_fn(model(xm), ym) * (xm.shape[0] / n)
-                loss.backward()
+                # fp16: scale the loss as the trainer's step does, or small gradients underflow to 0
+                (scaler.scale(loss) if scaler is not None else loss).backward()
                 total += loss.item()
             if not math.isfinite(total):
                 stopped = True
@@ -927,7 +928,11 @@ def lr_find(trainer, *, start_lr: float = 1e-4, end_lr: float = 10.0, steps: int
             if smooth > diverge * best:
                 stopped = True
                 break
-            opt.step()
+            if scaler is not None:   # unscales, skips a step with inf/nan gradients, adapts the scale
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
     finally:
         model.load_state_dict(saved_model)
         opt.load_state_dict(saved_opt)
@@ -937,7 +942,7 @@ def lr_find(trainer, *, start_lr: float = 1e-4, end_lr: float = 10.0, steps: int
         if saved_cuda is not None:
             torch.cuda.set_rng_state_all(saved_cuda)
         if saved_scaler is not None:
-            trainer.scaler.load_state_dict(saved_scaler)
+            scaler.load_state_dict(saved_scaler)
         model.train(was_training)
     if not lrs:
         raise ValueError(f"lr_find: the loss was not finite even at start_lr={start_lr}")

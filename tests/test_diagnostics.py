@@ -439,6 +439,33 @@ def test_lr_find_leaves_model_and_optimizer_exactly_as_they_were(teacher, optimi
     res.plot()
 
 
+def test_lr_find_scales_the_loss_when_the_trainer_has_a_grad_scaler(teacher):
+    # fp16 (CUDA) trainers carry a GradScaler; a CPU scaler stands in for it here. Scaling by a
+    # power of two is exact, so the range test must give the plain one's losses, with every
+    # backward on a scaled loss (unscaled fp16 gradients underflow) and the scaler put back.
+    def make():
+        torch.manual_seed(0)
+        return Trainer(small_model(), teacher, batch_size=32, lr=0.05, optimizer="momentum", accumulate=2,
+                       device="cpu")
+
+    plain = lr_find(make(), start_lr=1e-3, end_lr=1.0, steps=20)
+    t = make()
+    t.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    scaled_losses = []
+    real_scale = t.scaler.scale
+
+    def scale(loss):
+        scaled_losses.append(loss)
+        return real_scale(loss)
+
+    t.scaler.scale = scale
+    before = copy.deepcopy(t.scaler.state_dict())
+    res = lr_find(t, start_lr=1e-3, end_lr=1.0, steps=20)
+    assert len(scaled_losses) == 2 * len(res.lrs)
+    assert res.losses == plain.losses and res.lrs == plain.lrs
+    assert t.scaler.state_dict() == before
+
+
 def test_lr_find_rejects_bad_input(teacher):
     t = Trainer(small_model(), teacher, batch_size=32)
     for kwargs, match in (({"start_lr": 0}, "start_lr"), ({"start_lr": 1.0, "end_lr": 0.5}, "end_lr=0.5"),
