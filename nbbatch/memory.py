@@ -501,7 +501,10 @@ def _sync(device: torch.device) -> None:
 
 def _is_oom(err: BaseException) -> bool:
     oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
-    return isinstance(err, oom) or (isinstance(err, RuntimeError) and "out of memory" in str(err))
+    if isinstance(err, (oom, MemoryError)):
+        return True
+    # CUDA/MPS say "out of memory"; the CPU allocator raises a plain RuntimeError of its own words
+    return isinstance(err, RuntimeError) and ("out of memory" in str(err) or "can't allocate memory" in str(err))
 
 
 def _release_after_oom(err: BaseException, device: torch.device) -> None:

@@ -258,6 +258,27 @@ def test_measure_leaves_the_rng_alone_when_a_trial_raises():
     assert torch.equal(rng, torch.get_rng_state())
 
 
+class HugeAbove(nn.Module):
+    """A model whose forward asks the CPU allocator for more than any machine has above ``n`` examples."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.n, self.layer = n, nn.Linear(40, 10)
+
+    def forward(self, x):
+        if len(x) > self.n:
+            torch.empty(2**62, dtype=torch.uint8)   # a real allocation failure (RuntimeError)
+        return self.layer(x)
+
+
+def test_a_real_cpu_allocation_failure_is_an_out_of_memory_trial():
+    x, y = data(64)
+    report = measure(HugeAbove(16), (x, y), [8, 16, 32, 64], steps=0)
+    assert [r.get("oom", False) for r in report.rows] == [False, False, True]
+    r = find_max_batch_size(HugeAbove(20), (x, y), budget=10**9, margin=0)
+    assert r.batch_size == 20 and any(t.get("oom") for t in r.trials)
+
+
 @pytest.mark.parametrize("bad", [[], [0, 8], [-4], [2.5], "32"])
 def test_measure_rejects_bad_batch_lists(bad):
     with pytest.raises((ValueError, TypeError), match="batch_sizes"):
