@@ -846,7 +846,8 @@ def lr_find(trainer, *, start_lr: float = 1e-4, end_lr: float = 10.0, steps: int
     """LR range test: train with the learning rate growing geometrically, then undo everything.
 
     Runs up to ``steps`` optimizer steps on the trainer's model, optimizer and training batches
-    (in the order the run would see them, split into its micro-batches) with the learning rate
+    (in the order the run would see them, split into its micro-batches, with its gradient clipping
+    and fp16 loss scaling) with the learning rate
     going from ``start_lr`` to ``end_lr``, and stops when the loss turns non-finite or its smoothed
     value exceeds ``diverge`` times the best. Then the model's parameters and buffers, its mode,
     the parameters' ``.grad``, the optimizer's state and hyperparameters and the random number
@@ -928,6 +929,10 @@ def lr_find(trainer, *, start_lr: float = 1e-4, end_lr: float = 10.0, steps: int
             if smooth > diverge * best:
                 stopped = True
                 break
+            if trainer.config.clip_grad_norm is not None:   # clipped as in training (true gradients)
+                if scaler is not None:
+                    scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(params, trainer.config.clip_grad_norm)
             if scaler is not None:   # unscales, skips a step with inf/nan gradients, adapts the scale
                 scaler.step(opt)
                 scaler.update()

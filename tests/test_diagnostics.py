@@ -466,6 +466,29 @@ def test_lr_find_scales_the_loss_when_the_trainer_has_a_grad_scaler(teacher):
     assert t.scaler.state_dict() == before
 
 
+def test_lr_find_clips_gradients_as_the_trainer_does(teacher):
+    def make():
+        torch.manual_seed(0)
+        return Trainer(small_model(), teacher, batch_size=32, lr=0.05, optimizer="momentum", clip_grad_norm=0.05,
+                       device="cpu")
+
+    res = lr_find(make(), start_lr=1e-3, end_lr=10.0, steps=15)
+    # the same range test by hand, with the trainer's clipping
+    t = make()
+    ratio = (10.0 / 1e-3) ** (1 / 14)
+    losses = []
+    for i, (xb, yb) in zip(range(15), t._train.batches(0, 0)):
+        for group in t.optimizer.param_groups:
+            group["lr"] = 1e-3 * ratio ** i
+        t.optimizer.zero_grad(set_to_none=True)
+        loss = t.loss_fn(t.model(xb), yb) * 1.0
+        loss.backward()
+        losses.append(loss.item())
+        torch.nn.utils.clip_grad_norm_(t.model.parameters(), 0.05)
+        t.optimizer.step()
+    assert res.losses == losses
+
+
 def test_lr_find_rejects_bad_input(teacher):
     t = Trainer(small_model(), teacher, batch_size=32)
     for kwargs, match in (({"start_lr": 0}, "start_lr"), ({"start_lr": 1.0, "end_lr": 0.5}, "end_lr=0.5"),
