@@ -765,7 +765,7 @@ def measure(model: nn.Module, data, batch_sizes: Sequence[int], config=None, *, 
                 if not _is_oom(err):
                     raise
                 _release_after_oom(err, device)
-                rows.append({"batch_size": cfg.batch_size, "oom": True, "total": None})
+                rows.append({"batch_size": cfg.batch_size, "oom": True, "total": None, "config": label})
                 break
             finally:
                 del work
@@ -1130,8 +1130,12 @@ class Comparison:
     def __repr__(self) -> str:
         lines = ["Comparison"]
         for r in self.rows:
-            t = f", {1e3 * r['time_per_step']:.2f} ms/step ({r['time_ratio']:.2f}x)" if r.get("time_per_step") else ""
-            lines.append(f"  {r['config']:>16}: {_mib(r['total']):8.3f} MiB ({r['memory_ratio']:.2f}x){t}")
+            if r.get("oom"):
+                lines.append(f"  {r['config']:>16}: OOM")
+                continue
+            t = f", {1e3 * r['time_per_step']:.2f} ms/step ({r['time_ratio']:.2f}x)" if r.get("time_ratio") else ""
+            ratio = f" ({r['memory_ratio']:.2f}x)" if r.get("memory_ratio") is not None else ""
+            lines.append(f"  {r['config']:>16}: {_mib(r['total']):8.3f} MiB{ratio}{t}")
         return "\n".join(lines)
 
     def plot(self, axes=None):
@@ -1139,7 +1143,7 @@ class Comparison:
         if axes is None:
             _, axes = plt.subplots(1, 2, figsize=(10, 3.2))
         names = [r["config"] for r in self.rows]
-        axes[0].barh(names, [_mib(r["total"]) for r in self.rows])
+        axes[0].barh(names, [_mib(r["total"] or 0) for r in self.rows])   # an out-of-memory row: no bar
         axes[0].set(xlabel="MiB", title="step memory")
         if all(r.get("time_per_step") for r in self.rows):
             axes[1].barh(names, [1e3 * r["time_per_step"] for r in self.rows], color="C1")
@@ -1183,8 +1187,8 @@ def compare(model: nn.Module, data, configs: Mapping[str, Mapping[str, Any]], ba
         report = measure(model, data, [batch_size], steps=steps, label=label, **{**common, **opts})
         rows.append(report.rows[0])
     ref = rows[0]
-    for r in rows:
-        r["memory_ratio"] = r["total"] / ref["total"] if r.get("total") else None
+    for r in rows:   # an out-of-memory configuration (total None) has no ratio, nor has any beside an OOM first
+        r["memory_ratio"] = r["total"] / ref["total"] if r.get("total") and ref.get("total") else None
         if r.get("time_per_step") and ref.get("time_per_step"):
             r["time_ratio"] = r["time_per_step"] / ref["time_per_step"]
     return Comparison(rows)

@@ -574,6 +574,17 @@ def test_compare_configurations_side_by_side():
         compare(MLP(40, (8,), 10), (x, y), {"a": {}, "b": {"precision": "fp16"}}, 32, device="cpu")
 
 
+def test_compare_reports_a_configuration_that_runs_out_of_memory():
+    x, y = data(128)
+    # a batch of 32 runs out of memory, micro-batches of 8 do not
+    c = compare(HugeAbove(16), (x, y), {"plain": {}, "accumulate 4": {"accumulate": 4}}, 32, steps=1)
+    plain, acc = c.rows
+    assert plain["oom"] and plain["config"] == "plain" and plain["memory_ratio"] is None
+    assert acc["total"] > 0 and acc["memory_ratio"] is None and acc["config"] == "accumulate 4"
+    assert "plain: OOM" in repr(c) and "accumulate 4:" in repr(c)
+    c.plot()
+
+
 # ---------------------------------------------------------------------------- planner
 def test_plan_numbers_and_trainer_from_plan(toy):
     m = MemoryModel.fit([8, 16], [10_000 + 8 * 500, 10_000 + 16 * 500])
