@@ -738,6 +738,7 @@ def sweep(model_fn: Callable[[], nn.Module], data, batch_sizes: Sequence[int], *
     checks = {b: set(_check_steps(budget[b], float(check_growth))) for b in batch_sizes}
 
     runs = []
+    loss = "cross_entropy"   # the runs' loss (from the options or a config=), for the noise scale
     for b in batch_sizes:
         for lr_value in lr_table[b]:
             torch.manual_seed(seed)
@@ -745,6 +746,7 @@ def sweep(model_fn: Callable[[], nn.Module], data, batch_sizes: Sequence[int], *
             if not isinstance(model, nn.Module):
                 raise TypeError(f"model_fn must return a torch.nn.Module, got {type(model).__name__}")
             trainer = Trainer(model, (x, y), batch_size=b, lr=lr_value, seed=seed, **train_options)
+            loss = trainer.config.loss
             start = trainer.evaluate(eval_xy)
             if target.metric not in start:
                 raise ValueError(f"target metric {target.metric!r} is not measured; known: {sorted(start)}")
@@ -794,7 +796,7 @@ def sweep(model_fn: Callable[[], nn.Module], data, batch_sizes: Sequence[int], *
             torch.manual_seed(seed)
             model = model_fn()
             model.load_state_dict(pick["state"])
-            ns = gradient_noise_scale(model, (x, y), loss=train_options.get("loss", "cross_entropy"),
+            ns = gradient_noise_scale(model, (x, y), loss=loss,
                                       sample=None if len(x) <= 4096 else 4096, seed=seed)
             row["b_simple"] = ns.b_simple
         best.append(row)

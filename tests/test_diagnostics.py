@@ -370,6 +370,16 @@ def test_sweep_with_a_scaling_rule_and_a_diverging_lr(teacher):
     assert res.target.mode == "max"
 
 
+def test_sweep_measures_the_noise_scale_with_the_loss_of_a_config():
+    from nbbatch import TrainConfig
+    d = data.linear_regression(n_train=256, n_test=16, dim=4, noise=0.1, seed=0)
+    common = dict(target=0.5, lrs=[0.05], max_steps=200)
+    by_option = sweep(lambda: nn.Linear(4, 1), d, [16, 64], loss="mse", **common)
+    by_config = sweep(lambda: nn.Linear(4, 1), d, [16, 64], config=TrainConfig(loss="mse"), **common)
+    assert all(r["reached"] and r["b_simple"] > 0 for r in by_option.best)
+    assert [(r["steps"], r["b_simple"]) for r in by_config.best] == [(r["steps"], r["b_simple"]) for r in by_option.best]
+
+
 def test_sweep_rejects_bad_input(teacher):
     ok = dict(target=0.5, lrs=[0.1])
     with pytest.raises(ValueError, match="batch_sizes is empty"):
