@@ -467,7 +467,9 @@ def _sample_of(data) -> tuple[torch.Tensor, torch.Tensor]:
     if xy is not None:
         return xy
     if isinstance(data, DataLoader):
-        batch = next(iter(data))
+        # a shuffling loader's sampler draws from the global RNG: the caller's stays as it was
+        with torch.random.fork_rng(devices=[]):
+            batch = next(iter(data))
         return batch[0], batch[1]
     if isinstance(data, Dataset) and hasattr(data, "__len__") and len(data) > 0:
         items = [data[i] for i in range(min(len(data), 256))]

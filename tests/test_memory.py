@@ -444,6 +444,19 @@ def test_finder_and_measure_take_datasets_and_loaders():
     assert measure(model, Pairs(), [8], steps=0).rows[0]["total"] == accounted_total(model, x, y, 8)
 
 
+def test_finder_and_measure_leave_the_rng_alone_with_a_shuffling_loader():
+    from torch.utils.data import DataLoader, TensorDataset
+    x, y = data(64)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)   # its sampler draws from the RNG
+    model = MLP(40, (32,), 10)
+    t = Trainer(MLP(40, (32,), 10), loader)
+    for run in (lambda: measure(model, loader, [8], steps=0), lambda: find_max_batch_size(model, loader, budget=300_000),
+                lambda: find_max_batch_size(t, budget=300_000)):
+        rng = torch.get_rng_state()
+        run()
+        assert torch.equal(rng, torch.get_rng_state())
+
+
 def _oom_above(real, threshold, held):
     """A stand-in for a trial that runs out of memory above ``threshold`` examples, from deep
     inside a frame holding a tensor (as a real failed step holds its activations)."""
