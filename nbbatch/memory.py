@@ -926,6 +926,8 @@ def find_max_batch_size(target, data=None, *, budget=None, margin: float = 0.05,
     _check_round_to(round_to)
     if strategy not in ("bisect", "model"):
         raise ValueError(f"strategy must be 'bisect' or 'model', got {strategy!r}")
+    if budget is not None:
+        budget = _check_budget(budget)   # before the model moves to the device
     if isinstance(target, Trainer):
         if data is not None or config is not None or options:
             raise ValueError("with a Trainer, give no data, config or options: the trainer's own are used")

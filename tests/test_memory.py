@@ -526,6 +526,17 @@ def test_finder_errors_before_any_change():
         find_max_batch_size("model", (x, y), budget=10**6)
     assert all(torch.equal(a, b) for a, b in zip(before, weights(model)))
 
+    class Watched(MLP):   # records moves to a device (a CUDA model would leave the CPU there)
+        def to(self, *args, **kwargs):
+            moves.append(args)
+            return super().to(*args, **kwargs)
+
+    moves = []
+    for bad in (-1, 0, float("nan"), "1 GiB"):
+        with pytest.raises(ValueError, match="budget"):
+            find_max_batch_size(Watched(40, (32,), 10), (x, y), budget=bad)
+    assert moves == []
+
 
 # ---------------------------------------------------------------------------- throughput knee
 def test_knee_of_known_curves():
