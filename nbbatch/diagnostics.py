@@ -124,8 +124,10 @@ def gradient_noise_scale(model: nn.Module, data, *, loss="cross_entropy", sample
     examples at a time; only their running sum and sum of squares are kept (float64), so memory is
     ``chunk_size x parameters``. With ``sample=None`` every example is used and the values are
     exact for the data set: ``G`` the mean gradient, ``tr(Sigma) = mean |g_i - G|^2``. With
-    ``sample=n`` a seeded random subset of ``n`` examples gives unbiased estimates of both
-    (``tr(Sigma)`` with ``n - 1``, and ``|G|^2 = |mean g|^2 - tr(Sigma)/n``).
+    ``sample=n`` a seeded random subset of ``n`` of the ``N`` examples (drawn without replacement)
+    gives unbiased estimates of both, with the finite-population correction: with
+    ``s^2 = sum |g_i - mean g|^2 / (n - 1)``, ``tr(Sigma) = s^2 (N - 1)/N`` and
+    ``|G|^2 = |mean g|^2 - (1/n - 1/N) s^2`` (``sample=N`` gives the exact values).
 
     The model is evaluated in eval mode (no dropout; batch norm uses its running statistics, as a
     single example has no batch statistics) and restored afterwards; nothing is updated.
@@ -193,10 +195,11 @@ def gradient_noise_scale(model: nn.Module, data, *, loss="cross_entropy", sample
     mean_sq = float((mean * mean).sum())
     # sum |g_i - mean|^2 = sum |g_i|^2 - n |mean|^2 (float64 keeps the difference accurate)
     scatter = max(float(total_sq) - n * mean_sq, 0.0)
-    if n == n_all and sample is None:
+    if n == n_all:
         return NoiseScale.of(scatter / n, mean_sq, n)
-    trace = scatter / (n - 1)
-    return NoiseScale.of(trace, mean_sq - trace / n, n)
+    # a subset drawn without replacement: E s^2 = sum_i |g_i - G|^2 / (N - 1) over the data set
+    s2 = scatter / (n - 1)
+    return NoiseScale.of(s2 * (n_all - 1) / n_all, mean_sq - (1.0 / n - 1.0 / n_all) * s2, n)
 
 
 def two_batch_estimate(sq_small, sq_big, b_small: int, b_big: int) -> tuple:

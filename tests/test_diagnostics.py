@@ -73,6 +73,30 @@ def test_exact_noise_scale_equals_a_direct_computation_on_an_mlp(toy):
     assert sampled.trace == pytest.approx(trace, rel=0.25)
 
 
+def test_sampled_noise_scale_is_unbiased_for_the_data_set(monkeypatch):
+    # every subset of n = 3 of N = 6 examples in turn (the draws of randperm): the mean of the
+    # sampled estimates over all of them is the exact value of the data set
+    import itertools
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 8), torch.randint(0, 3, (6,))
+    model = make_mlp()
+    exact = gradient_noise_scale(model, (x, y))
+    assert gradient_noise_scale(model, (x, y), sample=6) == exact
+    subsets = list(itertools.combinations(range(6), 3))
+    draws = iter(subsets)
+    real_randperm = torch.randperm
+
+    def randperm(n, **kwargs):
+        chosen = list(next(draws))
+        return torch.tensor(chosen + [i for i in range(n) if i not in chosen])
+
+    monkeypatch.setattr(torch, "randperm", randperm)
+    estimates = [gradient_noise_scale(model, (x, y), sample=3) for _ in subsets]
+    monkeypatch.setattr(torch, "randperm", real_randperm)
+    assert sum(e.trace for e in estimates) / len(subsets) == pytest.approx(exact.trace, rel=1e-6)   # float32 gradients
+    assert sum(e.grad_sq for e in estimates) / len(subsets) == pytest.approx(exact.grad_sq, rel=1e-6)
+
+
 def test_exact_noise_scale_leaves_the_model_alone():
     model = make_mlp(dropout=0.5)
     model.train()
