@@ -144,7 +144,7 @@ class _SavedCounter:
     """Count the bytes of tensors autograd saves for backward while they are alive.
 
     Each storage is counted once however many saved tensors view it; storages in ``exclude``
-    (the parameters: counted in their own part) are not counted. ``peak`` is the largest
+    (the parameters and buffers: counted in their own part) are not counted. ``peak`` is the largest
     total alive at any moment of the step (micro-batches of an accumulated step free their
     graph before the next one starts, so they do not add up).
     """
@@ -204,8 +204,8 @@ class MemoryParts:
     """Bytes of one accounted training step, by part.
 
     ``params`` (parameters and buffers), ``grads``, ``optimizer`` (its state), ``saved`` (the
-    largest total of tensors saved for backward alive at once in the forward, parameters
-    excluded). Under activation checkpointing also ``kept`` (the chunk inputs, part of
+    largest total of tensors saved for backward alive at once in the forward, parameters and
+    buffers excluded). Under activation checkpointing also ``kept`` (the chunk inputs, part of
     ``saved``) and ``recompute`` (the activations of the largest chunk, recomputed in backward).
     ``fixed`` is the part that does not depend on the batch size; ``total`` is
     ``fixed + max(saved, kept + recompute)``: the end of the forward, or the recomputation in
@@ -265,7 +265,9 @@ def account_step(trainer) -> MemoryParts:
     """
     model, optimizer = trainer.model, trainer.optimizer
     params = list(model.parameters())
-    exclude = {_storage(p)[0] for p in params}
+    # parameters and buffers are counted in ``params``; autograd saves some of them (weights,
+    # and batch norm's running statistics in eval mode): not a second time in ``saved``
+    exclude = {_storage(t)[0] for t in params + list(model.buffers())}
     counter = _SavedCounter(exclude)
     with counter:
         trainer.step()

@@ -63,6 +63,21 @@ def test_shared_storage_is_counted_once():
     assert account_step(t).saved == B * F32 * (d + h + h + c) + B * I64 + F32
 
 
+def test_buffers_saved_for_backward_are_not_counted_twice():
+    # batch norm in eval mode (frozen statistics) saves its running mean and variance for
+    # backward: buffers, already counted in params
+    B, d, h, c = 32, 8, 16, 3
+    torch.manual_seed(0)
+    x, y = data(B, d, c)
+    model = nn.Sequential(nn.Linear(d, h), nn.BatchNorm1d(h), nn.Linear(h, c))
+    t = Trainer(model, (x, y), batch_size=B)
+    model.eval()
+    parts = account_step(t)
+    assert parts.params == F32 * (d * h + h + 2 * h + h * c + c + 2 * h) + I64   # + running stats, count
+    # input, the Linear output (saved by batch norm), its output (saved by the next Linear), CE
+    assert parts.saved == B * F32 * (d + h + h + c) + B * I64 + F32
+
+
 def test_accumulation_keeps_micro_batch_activations_and_the_whole_batch():
     B, k, d, hidden, c = 64, 4, 40, (100, 50), 10
     x, y = data(B, d, c)
