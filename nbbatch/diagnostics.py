@@ -124,8 +124,10 @@ def gradient_noise_scale(model: nn.Module, data, *, loss="cross_entropy", sample
     examples at a time; only their running sum and sum of squares are kept (float64), so memory is
     ``chunk_size x parameters``. With ``sample=None`` every example is used and the values are
     exact for the data set: ``G`` the mean gradient, ``tr(Sigma) = mean |g_i - G|^2``. With
-    ``sample=n`` a seeded random subset of ``n`` examples gives unbiased estimates of both
-    (``tr(Sigma)`` with ``n - 1``, and ``|G|^2 = |mean g|^2 - tr(Sigma)/n``).
+    ``sample=n`` a seeded random subset of ``n`` of the ``N`` examples (drawn without replacement)
+    gives unbiased estimates of both, with the finite-population correction: with
+    ``s^2 = sum |g_i - mean g|^2 / (n - 1)``, ``tr(Sigma) = s^2 (N - 1)/N`` and
+    ``|G|^2 = |mean g|^2 - (1/n - 1/N) s^2`` (``sample=N`` gives the exact values).
 
     The model is evaluated in eval mode (no dropout; batch norm uses its running statistics, as a
     single example has no batch statistics) and restored afterwards; nothing is updated.
@@ -193,10 +195,11 @@ def gradient_noise_scale(model: nn.Module, data, *, loss="cross_entropy", sample
     mean_sq = float((mean * mean).sum())
     # sum |g_i - mean|^2 = sum |g_i|^2 - n |mean|^2 (float64 keeps the difference accurate)
     scatter = max(float(total_sq) - n * mean_sq, 0.0)
-    if n == n_all and sample is None:
+    if n == n_all:
         return NoiseScale.of(scatter / n, mean_sq, n)
-    trace = scatter / (n - 1)
-    return NoiseScale.of(trace, mean_sq - trace / n, n)
+    # a subset drawn without replacement: E s^2 = sum_i |g_i - G|^2 / (N - 1) over the data set
+    s2 = scatter / (n - 1)
+    return NoiseScale.of(s2 * (n_all - 1) / n_all, mean_sq - (1.0 / n - 1.0 / n_all) * s2, n)
 
 
 def two_batch_estimate(sq_small, sq_big, b_small: int, b_big: int) -> tuple:
@@ -290,8 +293,9 @@ def noise_scale_two_batch(model: nn.Module, data, b_small: int, b_big: int, *, d
     Each draw takes a small and a big batch (random examples without replacement, seeded), computes
     their mean-loss gradients with ``loss.backward()`` and feeds the two squared norms to
     ``two_batch_estimate``. The estimates are averaged (``smoothing=None``) or smoothed with an EMA,
-    numerator and denominator separately. The model's parameters and ``.grad`` are left as they
-    were; the model runs in its current mode.
+    numerator and denominator separately. The model's parameters, buffers and ``.grad`` are left
+    as they were; the model runs in its current mode (in training mode batch norm normalises by
+    batch statistics; its running statistics are put back afterwards).
 
     Args:
         model: the model at the weights to measure.
@@ -320,6 +324,8 @@ def noise_scale_two_batch(model: nn.Module, data, b_small: int, b_big: int, *, d
     device = _device_of(model)
     params = [p for p in model.parameters() if p.requires_grad]
     saved = [None if p.grad is None else p.grad.clone() for p in params]
+    # a forward in training mode moves batch-norm running statistics: a measurement must not
+    saved_buffers = [b.detach().clone() for b in model.buffers()]
     gen = torch.Generator().manual_seed(seed)
     sums = [0.0, 0.0]
 
@@ -342,6 +348,9 @@ def noise_scale_two_batch(model: nn.Module, data, b_small: int, b_big: int, *, d
     finally:
         for p, g in zip(params, saved):
             p.grad = g
+        with torch.no_grad():
+            for b, v in zip(model.buffers(), saved_buffers):
+                b.copy_(v)
     if smoothing is None:
         return NoiseScale.of(sums[1] / draws, sums[0] / draws, draws * (b_small + b_big))
     return NoiseScale.of(ema.trace, ema.grad_sq, draws * (b_small + b_big))
@@ -732,6 +741,7 @@ def sweep(model_fn: Callable[[], nn.Module], data, batch_sizes: Sequence[int], *
     checks = {b: set(_check_steps(budget[b], float(check_growth))) for b in batch_sizes}
 
     runs = []
+    loss = "cross_entropy"   # the runs' loss (from the options or a config=), for the noise scale
     for b in batch_sizes:
         for lr_value in lr_table[b]:
             torch.manual_seed(seed)
@@ -739,6 +749,7 @@ def sweep(model_fn: Callable[[], nn.Module], data, batch_sizes: Sequence[int], *
             if not isinstance(model, nn.Module):
                 raise TypeError(f"model_fn must return a torch.nn.Module, got {type(model).__name__}")
             trainer = Trainer(model, (x, y), batch_size=b, lr=lr_value, seed=seed, **train_options)
+            loss = trainer.config.loss
             start = trainer.evaluate(eval_xy)
             if target.metric not in start:
                 raise ValueError(f"target metric {target.metric!r} is not measured; known: {sorted(start)}")
@@ -788,7 +799,7 @@ def sweep(model_fn: Callable[[], nn.Module], data, batch_sizes: Sequence[int], *
             torch.manual_seed(seed)
             model = model_fn()
             model.load_state_dict(pick["state"])
-            ns = gradient_noise_scale(model, (x, y), loss=train_options.get("loss", "cross_entropy"),
+            ns = gradient_noise_scale(model, (x, y), loss=loss,
                                       sample=None if len(x) <= 4096 else 4096, seed=seed)
             row["b_simple"] = ns.b_simple
         best.append(row)
@@ -840,7 +851,8 @@ def lr_find(trainer, *, start_lr: float = 1e-4, end_lr: float = 10.0, steps: int
     """LR range test: train with the learning rate growing geometrically, then undo everything.
 
     Runs up to ``steps`` optimizer steps on the trainer's model, optimizer and training batches
-    (in the order the run would see them, split into its micro-batches) with the learning rate
+    (in the order the run would see them, split into its micro-batches, with its gradient clipping
+    and fp16 loss scaling) with the learning rate
     going from ``start_lr`` to ``end_lr``, and stops when the loss turns non-finite or its smoothed
     value exceeds ``diverge`` times the best. Then the model's parameters and buffers, its mode,
     the parameters' ``.grad``, the optimizer's state and hyperparameters and the random number
@@ -875,14 +887,14 @@ def lr_find(trainer, *, start_lr: float = 1e-4, end_lr: float = 10.0, steps: int
     if isinstance(diverge, bool) or not isinstance(diverge, (int, float)) or not diverge > 1:
         raise ValueError(f"diverge must be a number > 1, got {diverge!r}")
 
-    model, opt = trainer.model, trainer.optimizer
+    model, opt, scaler = trainer.model, trainer.optimizer, trainer.scaler
     params = [p for g in opt.param_groups for p in g["params"]]
     saved_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
     saved_opt = copy.deepcopy(opt.state_dict())
     saved_grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
     saved_rng = torch.get_rng_state()
     saved_cuda = torch.cuda.get_rng_state_all() if trainer.device.type == "cuda" else None
-    saved_scaler = copy.deepcopy(trainer.scaler.state_dict()) if trainer.scaler is not None else None
+    saved_scaler = copy.deepcopy(scaler.state_dict()) if scaler is not None else None
     was_training = model.training
 
     lrs, losses, smoothed = [], [], []
@@ -907,7 +919,8 @@ def lr_find(trainer, *, start_lr: float = 1e-4, end_lr: float = 10.0, steps: int
             for xm, ym in zip(xb.tensor_split(k), yb.tensor_split(k)):
                 with trainer._autocast:
                     loss = trainer.loss_fn(model(xm), ym) * (xm.shape[0] / n)
-                loss.backward()
+                # fp16: scale the loss as the trainer's step does, or small gradients underflow to 0
+                (scaler.scale(loss) if scaler is not None else loss).backward()
                 total += loss.item()
             if not math.isfinite(total):
                 stopped = True
@@ -921,7 +934,15 @@ def lr_find(trainer, *, start_lr: float = 1e-4, end_lr: float = 10.0, steps: int
             if smooth > diverge * best:
                 stopped = True
                 break
-            opt.step()
+            if trainer.config.clip_grad_norm is not None:   # clipped as in training (true gradients)
+                if scaler is not None:
+                    scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(params, trainer.config.clip_grad_norm)
+            if scaler is not None:   # unscales, skips a step with inf/nan gradients, adapts the scale
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
     finally:
         model.load_state_dict(saved_model)
         opt.load_state_dict(saved_opt)
@@ -931,7 +952,7 @@ def lr_find(trainer, *, start_lr: float = 1e-4, end_lr: float = 10.0, steps: int
         if saved_cuda is not None:
             torch.cuda.set_rng_state_all(saved_cuda)
         if saved_scaler is not None:
-            trainer.scaler.load_state_dict(saved_scaler)
+            scaler.load_state_dict(saved_scaler)
         model.train(was_training)
     if not lrs:
         raise ValueError(f"lr_find: the loss was not finite even at start_lr={start_lr}")

@@ -144,7 +144,7 @@ class _SavedCounter:
     """Count the bytes of tensors autograd saves for backward while they are alive.
 
     Each storage is counted once however many saved tensors view it; storages in ``exclude``
-    (the parameters: counted in their own part) are not counted. ``peak`` is the largest
+    (the parameters and buffers: counted in their own part) are not counted. ``peak`` is the largest
     total alive at any moment of the step (micro-batches of an accumulated step free their
     graph before the next one starts, so they do not add up).
     """
@@ -204,8 +204,8 @@ class MemoryParts:
     """Bytes of one accounted training step, by part.
 
     ``params`` (parameters and buffers), ``grads``, ``optimizer`` (its state), ``saved`` (the
-    largest total of tensors saved for backward alive at once in the forward, parameters
-    excluded). Under activation checkpointing also ``kept`` (the chunk inputs, part of
+    largest total of tensors saved for backward alive at once in the forward, parameters and
+    buffers excluded). Under activation checkpointing also ``kept`` (the chunk inputs, part of
     ``saved``) and ``recompute`` (the activations of the largest chunk, recomputed in backward).
     ``fixed`` is the part that does not depend on the batch size; ``total`` is
     ``fixed + max(saved, kept + recompute)``: the end of the forward, or the recomputation in
@@ -265,7 +265,9 @@ def account_step(trainer) -> MemoryParts:
     """
     model, optimizer = trainer.model, trainer.optimizer
     params = list(model.parameters())
-    exclude = {_storage(p)[0] for p in params}
+    # parameters and buffers are counted in ``params``; autograd saves some of them (weights,
+    # and batch norm's running statistics in eval mode): not a second time in ``saved``
+    exclude = {_storage(t)[0] for t in params + list(model.buffers())}
     counter = _SavedCounter(exclude)
     with counter:
         trainer.step()
@@ -467,7 +469,9 @@ def _sample_of(data) -> tuple[torch.Tensor, torch.Tensor]:
     if xy is not None:
         return xy
     if isinstance(data, DataLoader):
-        batch = next(iter(data))
+        # a shuffling loader's sampler draws from the global RNG: the caller's stays as it was
+        with torch.random.fork_rng(devices=[]):
+            batch = next(iter(data))
         return batch[0], batch[1]
     if isinstance(data, Dataset) and hasattr(data, "__len__") and len(data) > 0:
         items = [data[i] for i in range(min(len(data), 256))]
@@ -501,7 +505,10 @@ def _sync(device: torch.device) -> None:
 
 def _is_oom(err: BaseException) -> bool:
     oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
-    return isinstance(err, oom) or (isinstance(err, RuntimeError) and "out of memory" in str(err))
+    if isinstance(err, (oom, MemoryError)):
+        return True
+    # CUDA/MPS say "out of memory"; the CPU allocator raises a plain RuntimeError of its own words
+    return isinstance(err, RuntimeError) and ("out of memory" in str(err) or "can't allocate memory" in str(err))
 
 
 def _release_after_oom(err: BaseException, device: torch.device) -> None:
@@ -747,25 +754,32 @@ def measure(model: nn.Module, data, batch_sizes: Sequence[int], config=None, *, 
     device = resolve_device(configs[0].device)
     resolve_precision(configs[0].precision, device)
     rows = []
-    rng = torch.get_rng_state()   # the trial Trainers seed torch; the caller's RNG is left as it was
-    for cfg in configs:
-        work = copy.deepcopy(model)
-        try:
-            # CUDA: the allocator's peak of the second step, when the optimizer state (and the
-            # library workspaces) exist, as in the finder; the CPU accounting counts the state after step one
-            row = _trial(work, x, y, cfg, steps=2 if device.type == "cuda" else 1, timed=steps)
-        except BaseException as err:   # noqa: B902 - only out-of-memory is handled, the rest re-raised
-            if not _is_oom(err):
-                raise
-            _release_after_oom(err, device)
-            rows.append({"batch_size": cfg.batch_size, "oom": True, "total": None})
-            break
-        finally:
-            del work
-        row["rss_peak"] = process_peak_rss_bytes() if device.type == "cpu" else None
-        row["config"] = label
-        rows.append(row)
-    torch.set_rng_state(rng)
+    # the trial Trainers seed torch (the CPU and every CUDA device): the caller's RNG is left as
+    # it was, also when a trial raises
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
+    try:
+        for cfg in configs:
+            work = copy.deepcopy(model)
+            try:
+                # CUDA: the allocator's peak of the second step, when the optimizer state (and the
+                # library workspaces) exist, as in the finder; the CPU accounting counts the state after step one
+                row = _trial(work, x, y, cfg, steps=2 if device.type == "cuda" else 1, timed=steps)
+            except BaseException as err:   # noqa: B902 - only out-of-memory is handled, the rest re-raised
+                if not _is_oom(err):
+                    raise
+                _release_after_oom(err, device)
+                rows.append({"batch_size": cfg.batch_size, "oom": True, "total": None, "config": label})
+                break
+            finally:
+                del work
+            row["rss_peak"] = process_peak_rss_bytes() if device.type == "cpu" else None
+            row["config"] = label
+            rows.append(row)
+    finally:
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
     from .device import describe_device
     return MemoryReport(rows, describe_device(device), label)
 
@@ -914,6 +928,8 @@ def find_max_batch_size(target, data=None, *, budget=None, margin: float = 0.05,
     _check_round_to(round_to)
     if strategy not in ("bisect", "model"):
         raise ValueError(f"strategy must be 'bisect' or 'model', got {strategy!r}")
+    if budget is not None:
+        budget = _check_budget(budget)   # before the model moves to the device
     if isinstance(target, Trainer):
         if data is not None or config is not None or options:
             raise ValueError("with a Trainer, give no data, config or options: the trainer's own are used")
@@ -1120,8 +1136,12 @@ class Comparison:
     def __repr__(self) -> str:
         lines = ["Comparison"]
         for r in self.rows:
-            t = f", {1e3 * r['time_per_step']:.2f} ms/step ({r['time_ratio']:.2f}x)" if r.get("time_per_step") else ""
-            lines.append(f"  {r['config']:>16}: {_mib(r['total']):8.3f} MiB ({r['memory_ratio']:.2f}x){t}")
+            if r.get("oom"):
+                lines.append(f"  {r['config']:>16}: OOM")
+                continue
+            t = f", {1e3 * r['time_per_step']:.2f} ms/step ({r['time_ratio']:.2f}x)" if r.get("time_ratio") else ""
+            ratio = f" ({r['memory_ratio']:.2f}x)" if r.get("memory_ratio") is not None else ""
+            lines.append(f"  {r['config']:>16}: {_mib(r['total']):8.3f} MiB{ratio}{t}")
         return "\n".join(lines)
 
     def plot(self, axes=None):
@@ -1129,7 +1149,7 @@ class Comparison:
         if axes is None:
             _, axes = plt.subplots(1, 2, figsize=(10, 3.2))
         names = [r["config"] for r in self.rows]
-        axes[0].barh(names, [_mib(r["total"]) for r in self.rows])
+        axes[0].barh(names, [_mib(r["total"] or 0) for r in self.rows])   # an out-of-memory row: no bar
         axes[0].set(xlabel="MiB", title="step memory")
         if all(r.get("time_per_step") for r in self.rows):
             axes[1].barh(names, [1e3 * r["time_per_step"] for r in self.rows], color="C1")
@@ -1173,8 +1193,8 @@ def compare(model: nn.Module, data, configs: Mapping[str, Mapping[str, Any]], ba
         report = measure(model, data, [batch_size], steps=steps, label=label, **{**common, **opts})
         rows.append(report.rows[0])
     ref = rows[0]
-    for r in rows:
-        r["memory_ratio"] = r["total"] / ref["total"] if r.get("total") else None
+    for r in rows:   # an out-of-memory configuration (total None) has no ratio, nor has any beside an OOM first
+        r["memory_ratio"] = r["total"] / ref["total"] if r.get("total") and ref.get("total") else None
         if r.get("time_per_step") and ref.get("time_per_step"):
             r["time_ratio"] = r["time_per_step"] / ref["time_per_step"]
     return Comparison(rows)

@@ -73,6 +73,30 @@ def test_exact_noise_scale_equals_a_direct_computation_on_an_mlp(toy):
     assert sampled.trace == pytest.approx(trace, rel=0.25)
 
 
+def test_sampled_noise_scale_is_unbiased_for_the_data_set(monkeypatch):
+    # every subset of n = 3 of N = 6 examples in turn (the draws of randperm): the mean of the
+    # sampled estimates over all of them is the exact value of the data set
+    import itertools
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 8), torch.randint(0, 3, (6,))
+    model = make_mlp()
+    exact = gradient_noise_scale(model, (x, y))
+    assert gradient_noise_scale(model, (x, y), sample=6) == exact
+    subsets = list(itertools.combinations(range(6), 3))
+    draws = iter(subsets)
+    real_randperm = torch.randperm
+
+    def randperm(n, **kwargs):
+        chosen = list(next(draws))
+        return torch.tensor(chosen + [i for i in range(n) if i not in chosen])
+
+    monkeypatch.setattr(torch, "randperm", randperm)
+    estimates = [gradient_noise_scale(model, (x, y), sample=3) for _ in subsets]
+    monkeypatch.setattr(torch, "randperm", real_randperm)
+    assert sum(e.trace for e in estimates) / len(subsets) == pytest.approx(exact.trace, rel=1e-6)   # float32 gradients
+    assert sum(e.grad_sq for e in estimates) / len(subsets) == pytest.approx(exact.grad_sq, rel=1e-6)
+
+
 def test_exact_noise_scale_leaves_the_model_alone():
     model = make_mlp(dropout=0.5)
     model.train()
@@ -150,6 +174,17 @@ def test_two_batch_noise_scale_rejects_bad_input_and_keeps_grads():
         noise_scale_two_batch(model, d, 8, 64, smoothing=1.0, loss="mse")
     noise_scale_two_batch(model, d, 8, 64, draws=3, loss="mse")
     assert all(torch.equal(p.grad, torch.full_like(p, 7.0)) for p in model.parameters())
+
+
+def test_two_batch_noise_scale_leaves_batch_norm_statistics_alone():
+    torch.manual_seed(0)
+    x, y = torch.randn(256, 4), torch.randint(0, 3, (256,))
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))   # training mode
+    before = copy.deepcopy(model.state_dict())
+    est = noise_scale_two_batch(model, (x, y), 4, 64, draws=5)
+    assert math.isfinite(est.trace)
+    assert model.training
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_ema_smooths_numerator_and_denominator_separately():
@@ -359,6 +394,16 @@ def test_sweep_with_a_scaling_rule_and_a_diverging_lr(teacher):
     assert res.target.mode == "max"
 
 
+def test_sweep_measures_the_noise_scale_with_the_loss_of_a_config():
+    from nbbatch import TrainConfig
+    d = data.linear_regression(n_train=256, n_test=16, dim=4, noise=0.1, seed=0)
+    common = dict(target=0.5, lrs=[0.05], max_steps=200)
+    by_option = sweep(lambda: nn.Linear(4, 1), d, [16, 64], loss="mse", **common)
+    by_config = sweep(lambda: nn.Linear(4, 1), d, [16, 64], config=TrainConfig(loss="mse"), **common)
+    assert all(r["reached"] and r["b_simple"] > 0 for r in by_option.best)
+    assert [(r["steps"], r["b_simple"]) for r in by_config.best] == [(r["steps"], r["b_simple"]) for r in by_option.best]
+
+
 def test_sweep_rejects_bad_input(teacher):
     ok = dict(target=0.5, lrs=[0.1])
     with pytest.raises(ValueError, match="batch_sizes is empty"):
@@ -426,6 +471,56 @@ def test_lr_find_leaves_model_and_optimizer_exactly_as_they_were(teacher, optimi
     assert res.lrs[0] == pytest.approx(1e-3) and all(b > a for a, b in zip(res.lrs, res.lrs[1:]))
     assert 1e-4 < res.suggested_lr < 10
     res.plot()
+
+
+def test_lr_find_scales_the_loss_when_the_trainer_has_a_grad_scaler(teacher):
+    # fp16 (CUDA) trainers carry a GradScaler; a CPU scaler stands in for it here. Scaling by a
+    # power of two is exact, so the range test must give the plain one's losses, with every
+    # backward on a scaled loss (unscaled fp16 gradients underflow) and the scaler put back.
+    def make():
+        torch.manual_seed(0)
+        return Trainer(small_model(), teacher, batch_size=32, lr=0.05, optimizer="momentum", accumulate=2,
+                       device="cpu")
+
+    plain = lr_find(make(), start_lr=1e-3, end_lr=1.0, steps=20)
+    t = make()
+    t.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    scaled_losses = []
+    real_scale = t.scaler.scale
+
+    def scale(loss):
+        scaled_losses.append(loss)
+        return real_scale(loss)
+
+    t.scaler.scale = scale
+    before = copy.deepcopy(t.scaler.state_dict())
+    res = lr_find(t, start_lr=1e-3, end_lr=1.0, steps=20)
+    assert len(scaled_losses) == 2 * len(res.lrs)
+    assert res.losses == plain.losses and res.lrs == plain.lrs
+    assert t.scaler.state_dict() == before
+
+
+def test_lr_find_clips_gradients_as_the_trainer_does(teacher):
+    def make():
+        torch.manual_seed(0)
+        return Trainer(small_model(), teacher, batch_size=32, lr=0.05, optimizer="momentum", clip_grad_norm=0.05,
+                       device="cpu")
+
+    res = lr_find(make(), start_lr=1e-3, end_lr=10.0, steps=15)
+    # the same range test by hand, with the trainer's clipping
+    t = make()
+    ratio = (10.0 / 1e-3) ** (1 / 14)
+    losses = []
+    for i, (xb, yb) in zip(range(15), t._train.batches(0, 0)):
+        for group in t.optimizer.param_groups:
+            group["lr"] = 1e-3 * ratio ** i
+        t.optimizer.zero_grad(set_to_none=True)
+        loss = t.loss_fn(t.model(xb), yb) * 1.0
+        loss.backward()
+        losses.append(loss.item())
+        torch.nn.utils.clip_grad_norm_(t.model.parameters(), 0.05)
+        t.optimizer.step()
+    assert res.losses == losses
 
 
 def test_lr_find_rejects_bad_input(teacher):

@@ -63,6 +63,21 @@ def test_shared_storage_is_counted_once():
     assert account_step(t).saved == B * F32 * (d + h + h + c) + B * I64 + F32
 
 
+def test_buffers_saved_for_backward_are_not_counted_twice():
+    # batch norm in eval mode (frozen statistics) saves its running mean and variance for
+    # backward: buffers, already counted in params
+    B, d, h, c = 32, 8, 16, 3
+    torch.manual_seed(0)
+    x, y = data(B, d, c)
+    model = nn.Sequential(nn.Linear(d, h), nn.BatchNorm1d(h), nn.Linear(h, c))
+    t = Trainer(model, (x, y), batch_size=B)
+    model.eval()
+    parts = account_step(t)
+    assert parts.params == F32 * (d * h + h + 2 * h + h * c + c + 2 * h) + I64   # + running stats, count
+    # input, the Linear output (saved by batch norm), its output (saved by the next Linear), CE
+    assert parts.saved == B * F32 * (d + h + h + c) + B * I64 + F32
+
+
 def test_accumulation_keeps_micro_batch_activations_and_the_whole_batch():
     B, k, d, hidden, c = 64, 4, 40, (100, 50), 10
     x, y = data(B, d, c)
@@ -234,6 +249,51 @@ def test_measure_rows_model_untouched_and_exact_linear_fit():
     assert {"params", "grads", "optimizer", "saved", "total", "examples_per_s"} <= set(df.columns)
 
 
+class FailsAbove(nn.Module):
+    """A model whose forward raises (not out of memory) on batches above ``n`` examples."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.n, self.layer = n, nn.Linear(40, 10)
+
+    def forward(self, x):
+        if len(x) > self.n:
+            raise RuntimeError("a bug in the model")
+        return self.layer(x)
+
+
+def test_measure_leaves_the_rng_alone_when_a_trial_raises():
+    # the trial Trainer seeds torch before its step raises: the caller's RNG must come back anyway
+    x, y = data(64)
+    model = FailsAbove(16)
+    torch.manual_seed(123)
+    rng = torch.get_rng_state()
+    with pytest.raises(RuntimeError, match="a bug in the model"):
+        measure(model, (x, y), [8, 32], steps=0, seed=0)
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+class HugeAbove(nn.Module):
+    """A model whose forward asks the CPU allocator for more than any machine has above ``n`` examples."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.n, self.layer = n, nn.Linear(40, 10)
+
+    def forward(self, x):
+        if len(x) > self.n:
+            torch.empty(2**62, dtype=torch.uint8)   # a real allocation failure (RuntimeError)
+        return self.layer(x)
+
+
+def test_a_real_cpu_allocation_failure_is_an_out_of_memory_trial():
+    x, y = data(64)
+    report = measure(HugeAbove(16), (x, y), [8, 16, 32, 64], steps=0)
+    assert [r.get("oom", False) for r in report.rows] == [False, False, True]
+    r = find_max_batch_size(HugeAbove(20), (x, y), budget=10**9, margin=0)
+    assert r.batch_size == 20 and any(t.get("oom") for t in r.trials)
+
+
 @pytest.mark.parametrize("bad", [[], [0, 8], [-4], [2.5], "32"])
 def test_measure_rejects_bad_batch_lists(bad):
     with pytest.raises((ValueError, TypeError), match="batch_sizes"):
@@ -399,6 +459,19 @@ def test_finder_and_measure_take_datasets_and_loaders():
     assert measure(model, Pairs(), [8], steps=0).rows[0]["total"] == accounted_total(model, x, y, 8)
 
 
+def test_finder_and_measure_leave_the_rng_alone_with_a_shuffling_loader():
+    from torch.utils.data import DataLoader, TensorDataset
+    x, y = data(64)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)   # its sampler draws from the RNG
+    model = MLP(40, (32,), 10)
+    t = Trainer(MLP(40, (32,), 10), loader)
+    for run in (lambda: measure(model, loader, [8], steps=0), lambda: find_max_batch_size(model, loader, budget=300_000),
+                lambda: find_max_batch_size(t, budget=300_000)):
+        rng = torch.get_rng_state()
+        run()
+        assert torch.equal(rng, torch.get_rng_state())
+
+
 def _oom_above(real, threshold, held):
     """A stand-in for a trial that runs out of memory above ``threshold`` examples, from deep
     inside a frame holding a tensor (as a real failed step holds its activations)."""
@@ -419,12 +492,23 @@ def test_out_of_memory_is_a_failed_trial_and_its_frames_are_released(toy, monkey
     before = copy.deepcopy(t.state_dict())
     held = []
     monkeypatch.setattr(mem, "_trial", _oom_above(mem._trial, 300, held))
+    # what is still alive right after the release, while the error (and its traceback) still
+    # exists: the release must free the step's tensors then, before the cache is emptied
+    alive_after_release = []
+    real_release = mem._release_after_oom
+
+    def release(err, device):
+        real_release(err, device)
+        alive_after_release.append(sum(ref() is not None for ref in held))
+
+    monkeypatch.setattr(mem, "_release_after_oom", release)
     for strategy in ("bisect", "model"):
         r = find_max_batch_size(t, budget=10**9, strategy=strategy)
         assert r.batch_size == 300
         assert any(tr.get("oom") for tr in r.trials) and all(not tr["fits"] for tr in r.trials if tr.get("oom"))
     # every failed step's tensors were released with its frames (nothing keeps them alive)
     assert held and all(ref() is None for ref in held)
+    assert len(alive_after_release) == len(held) and not any(alive_after_release)
     after = t.state_dict()
     assert all(torch.equal(a, b) for a, b in zip(before["model"].values(), after["model"].values()))
     t.fit(steps=1)   # and the trainer trains on
@@ -456,6 +540,17 @@ def test_finder_errors_before_any_change():
     with pytest.raises(TypeError, match="target"):
         find_max_batch_size("model", (x, y), budget=10**6)
     assert all(torch.equal(a, b) for a, b in zip(before, weights(model)))
+
+    class Watched(MLP):   # records moves to a device (a CUDA model would leave the CPU there)
+        def to(self, *args, **kwargs):
+            moves.append(args)
+            return super().to(*args, **kwargs)
+
+    moves = []
+    for bad in (-1, 0, float("nan"), "1 GiB"):
+        with pytest.raises(ValueError, match="budget"):
+            find_max_batch_size(Watched(40, (32,), 10), (x, y), budget=bad)
+    assert moves == []
 
 
 # ---------------------------------------------------------------------------- throughput knee
@@ -516,6 +611,17 @@ def test_compare_configurations_side_by_side():
         compare(MLP(40, (8,), 10), (x, y), {}, 32)
     with pytest.raises(ValueError, match="precision"):
         compare(MLP(40, (8,), 10), (x, y), {"a": {}, "b": {"precision": "fp16"}}, 32, device="cpu")
+
+
+def test_compare_reports_a_configuration_that_runs_out_of_memory():
+    x, y = data(128)
+    # a batch of 32 runs out of memory, micro-batches of 8 do not
+    c = compare(HugeAbove(16), (x, y), {"plain": {}, "accumulate 4": {"accumulate": 4}}, 32, steps=1)
+    plain, acc = c.rows
+    assert plain["oom"] and plain["config"] == "plain" and plain["memory_ratio"] is None
+    assert acc["total"] > 0 and acc["memory_ratio"] is None and acc["config"] == "accumulate 4"
+    assert "plain: OOM" in repr(c) and "accumulate 4:" in repr(c)
+    c.plot()
 
 
 # ---------------------------------------------------------------------------- planner
