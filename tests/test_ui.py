@@ -331,6 +331,36 @@ def test_panel_for_a_given_trainer_fixes_structure(small):
     check_history(t.history)
 
 
+
+def _ends_before_start_returns(controller):
+    start = controller.start
+
+    def fast_start(*args, **kwargs):       # a run so short it ends before start() returns
+        start(*args, **kwargs)
+        controller.wait(TIMEOUT)
+
+    controller.start = fast_start
+
+
+def test_a_run_that_ends_at_once_leaves_no_refresh_thread(small):
+    p = TrainingPanel(make_trainer(small), epochs=1, refresh=0.01)
+    try:
+        _ends_before_start_returns(p.controller)
+        p.train()
+        assert p.trainer.step_count == 25 and p._refresher.final_frames == 1
+        assert p._refresher._thread is None, "the live redraw thread outlives the run"
+    finally:
+        p.close()
+    rc = RunComparison([make_trainer(small), make_trainer(small, batch_size=64)], epochs=1, refresh=0.01)
+    try:
+        _ends_before_start_returns(rc.controller)
+        rc.train()
+        assert [t.step_count for t in rc.trainers] == [25, 13] and rc._refresher.final_frames == 1
+        assert rc._refresher._thread is None, "the live redraw thread outlives the runs"
+    finally:
+        rc.close()
+
+
 # ---------------------------------------------------------------------- comparison
 def test_compare_scales_lr_and_matches_runs_alone(small):
     rc = compare((16, 160), data=small, epochs=1, headless=True, interleave="steps", device="cpu")

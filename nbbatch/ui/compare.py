@@ -130,19 +130,21 @@ class RunComparison:
             if c.paused:
                 self.toggle_pause()
             return
+        if not self.headless:
+            # before the runs: runs that end at once then stop it again (their final frame)
+            self._refresher.start()
         try:
             if c.resumable:
                 c.start()
             else:
                 c.start(epochs=self.epochs, steps=self.steps)
         except (ValueError, RuntimeError) as err:
+            self._refresher.stop()
             self.message.value = f'<span style="color:#b00020">{html.escape(str(err))}</span>'
             return
         if self.headless:
             c.wait()
             self._draw()
-        else:
-            self._refresher.start()
 
     def toggle_pause(self) -> None:
         c = self.controller

@@ -347,12 +347,16 @@ class TrainingPanel:
             return
         self._sync_controller_errors()
         c = self.controller
+        if not self.headless:
+            # before the run: a run that ends at once then stops it again (its final frame)
+            self._refresher.start()
         try:
             if c.resumable:
                 c.start()
             else:
                 c.start(epochs=self.epochs)
         except (ValueError, RuntimeError) as err:
+            self._refresher.stop()
             self._record_error(err, "cannot start")
             return
         self.pause_button.description = "Pause"
@@ -361,7 +365,6 @@ class TrainingPanel:
             c.wait()
             self._draw()
         else:
-            self._refresher.start()
             self._update_status()
 
     def toggle_pause(self) -> None:
