@@ -144,6 +144,26 @@ def test_errors_in_the_training_thread_are_kept(small):
     check_history(t.history)
 
 
+def test_a_bad_checkpoint_path_is_refused_at_once_and_never_ends_the_run(small, tmp_path):
+    t = make_trainer(small)
+    c = RunController(t)
+    with pytest.raises(TypeError, match="path must be"):
+        c.checkpoint(None)
+    c.start(steps=30)
+    try:
+        c.pause()
+        assert c.wait_paused(TIMEOUT) and c.running
+        with pytest.raises(TypeError, match="path must be"):
+            c.checkpoint(None)                # refused here, not in the training thread
+        c.checkpoint(tmp_path)                # a directory: fails between steps, kept in rejected
+        c.resume()
+    finally:
+        assert c.wait(TIMEOUT)
+    assert t.step_count == 30 and not c.errors and c.state == "finished"
+    assert isinstance(c.rejected[0].error, OSError)
+    check_history(t.history)
+
+
 def test_interleaved_runs_take_turns_and_match_runs_alone(small):
     order = []
     ts = [make_trainer(small, batch_size=b) for b in (16, 64)]

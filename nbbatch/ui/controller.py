@@ -9,6 +9,7 @@ run concurrently. Written by hand: no maintained library schedules torch trainin
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import traceback
@@ -277,6 +278,10 @@ class RunController:
     def checkpoint(self, path, run: int = 0) -> None:
         """Save run ``run`` to ``path`` between steps (at once when idle)."""
         (i,) = self._runs(run)
+        try:   # checked now: a bad path must not reach the training thread, where it would end the run
+            path = os.fspath(path)
+        except TypeError:
+            raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}") from None
         with self._cond:
             if self.running:
                 self._pending_ckpt.append((i, path))
@@ -330,7 +335,7 @@ class RunController:
                 continue
             try:
                 self.trainers[i].save(path)
-            except OSError as err:
+            except Exception as err:   # a failed checkpoint is reported, it never ends the run
                 self.rejected.append(RunError(i, self.labels[i], err))
         self._pending_ckpt = keep
 
