@@ -1,5 +1,6 @@
 """The live controls, driven without a browser: .click() and .value drive real training."""
 import random
+import threading
 import time
 
 import pytest
@@ -464,6 +465,25 @@ def test_refresher_keeps_errors_and_draws_a_final_frame():
     assert r.final_frames == 1 and r._thread is None and isinstance(r.errors[0], RuntimeError) and r.frames == len(calls) - 1
     with pytest.raises(ValueError, match="refresh interval"):
         Refresher(draw, interval=0)
+
+
+def test_refresher_final_frames_from_two_threads_never_overlap():
+    inside, overlaps = [], []
+
+    def draw():
+        inside.append(1)
+        overlaps.append(len(inside) > 1)
+        time.sleep(0.02)
+        inside.pop()
+
+    r = Refresher(draw, interval=0.01)
+    r.start()
+    threads = [threading.Thread(target=r.final) for _ in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(TIMEOUT)
+    assert r.final_frames == 4 and len(overlaps) >= 4 and not any(overlaps) and r._thread is None
 
 
 # ---------------------------------------------------------------------- Trainer.fit progress bar
