@@ -327,6 +327,26 @@ def test_random_clicks_and_slider_moves_during_training(small, tmp_path):
         p.close()
 
 
+def test_panel_records_each_training_error_once_when_threads_sync_together(small):
+    from nbbatch.ui import RunError
+
+    p = TrainingPanel(make_trainer(small), epochs=1, headless=True)
+    p.controller.errors.extend(RunError(0, "B=32", ValueError(i)) for i in range(50))
+    p._show = lambda *a, **k: time.sleep(0.001)     # a widget update lets other threads run
+    barrier = threading.Barrier(8)
+
+    def sync():                               # the refresh thread and widget callbacks at once
+        barrier.wait()
+        p._sync_controller_errors()
+
+    threads = [threading.Thread(target=sync) for _ in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(TIMEOUT)
+    assert [e.args[0] for e in p.errors] == list(range(50))
+
+
 def test_panel_rejects_bad_arguments(small):
     with pytest.raises(ValueError, match="epochs"):
         TrainingPanel(data=small, epochs=0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import os
+import threading
 import time
 from typing import Any, Callable, Mapping
 
@@ -126,6 +127,7 @@ class TrainingPanel:
         self._built_values: dict | None = None
         self._seen_errors = 0
         self._seen_messages = 0
+        self._sync_lock = threading.Lock()        # the refresh thread and widget callbacks both sync errors
         self._make_widgets(vals, fixed=trainer is not None)
         self._figure: LiveFigure | None = None
         self._refresher = Refresher(self._draw, interval=refresh, tick=self._tick)
@@ -220,12 +222,13 @@ class TrainingPanel:
         c = self.controller
         if c is None:
             return
-        for e in c.errors[self._seen_errors:]:
-            self._record_error(e.error, "training stopped with an error")
-        self._seen_errors = len(c.errors)
-        for e in c.rejected[self._seen_messages:]:
-            self._record_error(e.error, "refused, the old setting stays")
-        self._seen_messages = len(c.rejected)
+        with self._sync_lock:   # each error recorded once, whichever thread sees it first
+            for e in c.errors[self._seen_errors:]:
+                self._record_error(e.error, "training stopped with an error")
+                self._seen_errors += 1
+            for e in c.rejected[self._seen_messages:]:
+                self._record_error(e.error, "refused, the old setting stays")
+                self._seen_messages += 1
 
     def _update_status(self) -> None:
         t = self.trainer
