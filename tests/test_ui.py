@@ -222,6 +222,21 @@ def test_panel_value_changes_drive_training(small):
     assert p.trainer.step_count == 4 and first.step_count == 4 and len(first.history) == 4
 
 
+def test_a_builder_returning_no_trainer_is_shown_and_keeps_the_run(small):
+    build = default_builder(small, device="cpu")
+    p = TrainingPanel(build=lambda **v: build(**v) if v["batch_size"] == 200 else None, epochs=1,
+                      headless=True, values={"batch_size": 200})
+    p.train_button.click()
+    first, controller = p.trainer, p.controller
+    p.batch_size_w.value = 256
+    p.train_button.click()
+    assert isinstance(p.error, TypeError) and "build must return" in p.message.value
+    assert p.trainer is first and p.controller is controller and p.runs == []
+    p.batch_size_w.value = 200
+    p.train_button.click()                    # the kept run trains on
+    assert first.step_count == 8 and p.controller.state == "finished"
+
+
 def test_rejected_settings_are_shown_and_keep_the_run(small):
     p = TrainingPanel(data=small, epochs=1, headless=True, values={"batch_size": 100})
     p.train_button.click()

@@ -303,6 +303,8 @@ class TrainingPanel:
         values = self.values()
         try:
             trainer = self.build(**values)
+            if not (hasattr(trainer, "fit") and hasattr(trainer, "config")):   # checked before the run is replaced
+                raise TypeError(f"build must return an nbbatch Trainer, got {type(trainer).__name__}")
         except Exception as err:
             self._record_error(err, "settings rejected, the current run is kept")
             return False
