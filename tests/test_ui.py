@@ -456,6 +456,10 @@ def test_comparison_rejects_bad_configs(small):
         RunComparison([], data=small)
     with pytest.raises(ValueError, match="batch_sizes"):
         compare("16", data=small)
+    with pytest.raises(ValueError, match="epochs must be a number > 0, got 0"):
+        compare((16,), data=small, epochs=0, headless=True)       # raised, not a message nobody sees
+    with pytest.raises(ValueError, match="steps must be a positive int, got 2.5"):
+        RunComparison([{"batch_size": 8}], data=small, steps=2.5)
 
 
 # ---------------------------------------------------------------------- figures

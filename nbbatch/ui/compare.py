@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 
 import ipywidgets as widgets
 
-from .controller import INTERLEAVE, RunController
+from .controller import INTERLEAVE, RunController, check_length
 from .plots import LiveFigure, Refresher, snapshot
 
 
@@ -72,6 +72,7 @@ class RunComparison:
             epochs = None
         if epochs is None and steps is None:
             raise ValueError("give epochs=... or steps=...")
+        check_length(epochs, steps)   # now, not as a message at the first Train (a headless compare() would not train)
         if not isinstance(headless, bool):
             raise TypeError(f"headless must be True or False, got {headless!r}")
         trainers = []

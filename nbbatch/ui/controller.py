@@ -19,6 +19,16 @@ from typing import Any, Callable, Sequence
 INTERLEAVE = ("steps", "time")
 
 
+def check_length(epochs: float | None, steps: int | None) -> None:
+    """Raise ValueError unless ``epochs`` and ``steps`` are None or a valid training length (not both)."""
+    if epochs is not None and steps is not None:
+        raise ValueError("give epochs or steps, not both")
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not epochs > 0):
+        raise ValueError(f"epochs must be a number > 0, got {epochs!r}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+
+
 @dataclass
 class RunError:
     """An exception raised in a training thread, kept with its run and its formatted traceback."""
@@ -158,12 +168,7 @@ class RunController:
         continues it to that end. Returns at once unless ``block`` (then it waits, and a
         KeyboardInterrupt stops the runs cleanly before it is re-raised).
         """
-        if epochs is not None and steps is not None:
-            raise ValueError("give epochs or steps, not both")
-        if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not epochs > 0):
-            raise ValueError(f"epochs must be a number > 0, got {epochs!r}")
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-            raise ValueError(f"steps must be a positive int, got {steps!r}")
+        check_length(epochs, steps)
         with self._cond:
             if self.running:
                 raise RuntimeError("training is already running; stop() or pause() it first")
