@@ -303,6 +303,22 @@ def test_live_panel_stop_pause_and_checkpoint(small, tmp_path):
         p.close()
 
 
+def test_reset_while_paused_leaves_the_pause_button_ready(small):
+    p = TrainingPanel(data=small, epochs=50, refresh=0.05, values={"batch_size": 16})
+    try:
+        p.train_button.click()
+        wait_for(lambda: p.trainer is not None and p.trainer.step_count >= 2)
+        p.pause_button.click()
+        assert p.controller.wait_paused(TIMEOUT) and p.pause_button.description == "Resume"
+        first = p.trainer
+        p.reset_button.click()
+        assert p.runs == [first] and p.trainer is not first
+        check_history(first.history)
+        assert p.pause_button.description == "Pause" and p.controller.state == "idle"
+    finally:
+        p.close()
+
+
 def test_random_clicks_and_slider_moves_during_training(small, tmp_path):
     rng = random.Random(0)
     p = TrainingPanel(data=small, epochs=3, refresh=0.02, checkpoint_path=tmp_path / "c.pt",

@@ -418,8 +418,8 @@ class TrainingPanel:
 
     def reset(self) -> None:
         """Stop, keep the current run in ``runs``, and start a fresh one from the controls."""
+        self.stop()   # also releases a pause (and its button)
         if self.controller is not None:
-            self.controller.stop()
             self.controller.wait()
         if self.build is None:
             self._show("this panel drives a given Trainer: Reset needs build=...", error=True)
