@@ -150,7 +150,7 @@ def test_a_bad_checkpoint_path_is_refused_at_once_and_never_ends_the_run(small, 
     c = RunController(t)
     with pytest.raises(TypeError, match="path must be"):
         c.checkpoint(None)
-    c.start(steps=30)
+    c.start(steps=200)                   # long enough to be paused while running
     try:
         c.pause()
         assert c.wait_paused(TIMEOUT) and c.running
@@ -160,7 +160,7 @@ def test_a_bad_checkpoint_path_is_refused_at_once_and_never_ends_the_run(small, 
         c.resume()
     finally:
         assert c.wait(TIMEOUT)
-    assert t.step_count == 30 and not c.errors and c.state == "finished"
+    assert t.step_count == 200 and not c.errors and c.state == "finished"
     assert isinstance(c.rejected[0].error, OSError)
     check_history(t.history)
 
