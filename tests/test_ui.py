@@ -222,6 +222,29 @@ def test_panel_value_changes_drive_training(small):
     assert p.trainer.step_count == 4 and first.step_count == 4 and len(first.history) == 4
 
 
+def test_train_right_after_a_run_keeps_the_live_redraws_of_the_new_run(small):
+    p = TrainingPanel(make_trainer(small), epochs=1, refresh=0.01)
+    release = threading.Event()
+
+    def slow_end():                           # the ended run's thread is slow to reach its final frame
+        if not p.controller.active:
+            release.wait(TIMEOUT)
+
+    p.controller._listeners.insert(0, slow_end)
+    try:
+        p.train()
+        wait_for(lambda: not p.controller.running)
+        p.epochs = 50
+        threading.Timer(0.2, release.set).start()
+        p.train()                             # Train again before the old thread drew its final frame
+        wait_for(lambda: p._refresher.final_frames >= 1)
+        time.sleep(0.05)
+        assert p.controller.running and p._refresher._thread is not None and p._refresher._thread.is_alive()
+    finally:
+        release.set()
+        p.close()
+
+
 def test_a_builder_returning_no_trainer_is_shown_and_keeps_the_run(small):
     build = default_builder(small, device="cpu")
     p = TrainingPanel(build=lambda **v: build(**v) if v["batch_size"] == 200 else None, epochs=1,

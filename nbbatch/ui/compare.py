@@ -131,6 +131,7 @@ class RunComparison:
             if c.paused:
                 self.toggle_pause()
             return
+        c.wait()   # the last runs' thread may still be drawing its final frame
         if not self.headless:
             # before the runs: runs that end at once then stop it again (their final frame)
             self._refresher.start()

@@ -341,6 +341,8 @@ class TrainingPanel:
             else:
                 self._show("already training")
             return
+        if self.controller is not None:
+            self.controller.wait()   # the last run's thread may still be drawing its final frame
         if self.trainer is None or (self.build is not None and
                                     {k: self.controls[k].value for k in STRUCTURAL} != self._built_values):
             if not self._build():
