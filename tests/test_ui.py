@@ -401,6 +401,17 @@ def test_panel_records_each_training_error_once_when_threads_sync_together(small
     assert [e.args[0] for e in p.errors] == list(range(50))
 
 
+def test_panel_keeps_a_learning_rate_outside_the_default_slider_range(small):
+    t = make_trainer(small, lr=5e-5)
+    p = TrainingPanel(t, epochs=1, headless=True)
+    p.train_button.click()
+    assert t.history.steps["lr"] == pytest.approx([5e-5] * 25)     # not clamped to the slider's 1e-4
+    p = TrainingPanel(data=small, epochs=1, headless=True, values={"lr": 30.0})
+    assert p.lr_w.value == 30.0
+    with pytest.raises(ValueError, match=r"values\['lr'\]"):
+        TrainingPanel(data=small, values={"lr": 0})
+
+
 def test_panel_rejects_bad_arguments(small):
     with pytest.raises(ValueError, match="epochs"):
         TrainingPanel(data=small, epochs=0)

@@ -7,6 +7,7 @@ stop, reschedule, checkpoint between optimizer steps) and build Trainers from th
 from __future__ import annotations
 
 import html
+import math
 import os
 import threading
 import time
@@ -144,7 +145,12 @@ class TrainingPanel:
         sizes = sorted(set(BATCH_SIZES) | {v["batch_size"]})
         self.batch_size_w = W.SelectionSlider(options=sizes, value=v["batch_size"], description="batch size",
                                               style=style, layout=lay)
-        self.lr_w = W.FloatLogSlider(value=v["lr"], base=10, min=-4, max=1, step=0.05, description="learning rate",
+        lr = v["lr"]
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
+            raise ValueError(f"values['lr'] must be a number > 0, got {lr!r}")
+        # the slider's range reaches the given lr: a clamped slider would retrain at another lr
+        self.lr_w = W.FloatLogSlider(value=lr, base=10, min=min(-4, math.floor(math.log10(lr))),
+                                     max=max(1, math.ceil(math.log10(lr))), step=0.05, description="learning rate",
                                      readout_format=".3g", style=style, layout=lay)
         self.warmup_w = W.IntSlider(value=v["warmup_steps"], min=0, max=max(500, v["warmup_steps"]), step=10,
                                     description="warm-up steps", style=style, layout=lay)
