@@ -412,6 +412,19 @@ def test_panel_keeps_a_learning_rate_outside_the_default_slider_range(small):
         TrainingPanel(data=small, values={"lr": 0})
 
 
+def test_panel_for_a_given_trainer_keeps_its_warm_up(small):
+    for opts in ({"warmup": "linear", "warmup_epochs": 1}, {"warmup": "constant", "warmup_steps": 10}):
+        ref = make_trainer(small, **opts)
+        ref.fit(epochs=2)
+        t = make_trainer(small, **opts)
+        p = TrainingPanel(t, epochs=2, headless=True)
+        p.train_button.click()
+        assert t.config.warmup == opts["warmup"] and p.error is None
+        assert t.history.steps["lr"] == pytest.approx(ref.history.steps["lr"])
+        p.warmup_w.value = 20                 # a slider move still changes it
+        assert t.config.warmup == "linear" and t.config.warmup_steps == 20
+
+
 def test_panel_rejects_bad_arguments(small):
     with pytest.raises(ValueError, match="epochs"):
         TrainingPanel(data=small, epochs=0)

@@ -353,8 +353,15 @@ class TrainingPanel:
                                     {k: self.controls[k].value for k in STRUCTURAL} != self._built_values):
             if not self._build():
                 return
+        cfg = self.trainer.config
+        changes = {}   # only what the sliders change: a given Trainer's warm-up (by epochs, constant) stays
+        if self.lr_w.value != cfg.lr:
+            changes["lr"] = self.lr_w.value
+        if self.warmup_w.value != ((cfg.warmup_steps or 0) if cfg.warmup != "none" else 0):
+            changes.update(_warmup_options(self.warmup_w.value))
         try:
-            self.controller.reschedule(lr=self.lr_w.value, **_warmup_options(self.warmup_w.value))
+            if changes:
+                self.controller.reschedule(**changes)
         except (ValueError, TypeError) as err:
             self._record_error(err, "setting rejected")
             return
