@@ -9,9 +9,9 @@ resetting it (``/proc/self/clear_refs``), else sampled from the RSS every few mi
 
 from __future__ import annotations
 
+import ast
 import os
 import platform
-import sys
 import threading
 from dataclasses import dataclass
 
@@ -169,6 +169,7 @@ class PeakMemory:
 
 
 def _magics_class():
+    from IPython.core.error import UsageError
     from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
     @magics_class
@@ -184,16 +185,25 @@ def _magics_class():
 
         @cell_magic
         def peakmem(self, line, cell):
-            """Run the cell and print its peak memory (``%%peakmem cpu`` or ``%%peakmem cuda`` to choose)."""
+            """Run the cell and print its peak memory (``%%peakmem cpu`` or ``%%peakmem cuda`` to choose).
+
+            The cell runs in the user namespace as ``%%time`` runs it: an error in it fails this
+            cell (a nested ``run_cell`` would show it and report success), and the value of a last
+            expression is the cell's result.
+            """
             device = line.strip() or "auto"
+            tree = self.shell.compile.ast_parse(self.shell.transform_cell(cell))   # a SyntaxError runs nothing
+            last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
             try:
                 meter = PeakMemory(device=device)
                 meter.__enter__()
             except (ValueError, RuntimeError) as err:
-                print(f"%%peakmem: {err}", file=sys.stderr)
-                return
+                raise UsageError(f"%%peakmem: {err}") from None
+            ns = self.shell.user_ns
             try:
-                self.shell.run_cell(cell)
+                exec(self.shell.compile(tree, "<peakmem cell>", "exec"), ns)
+                if last is not None:
+                    return eval(self.shell.compile(ast.Expression(last.value), "<peakmem cell>", "eval"), ns)
             finally:
                 meter.__exit__(None, None, None)
                 self.last_peak = meter

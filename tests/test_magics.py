@@ -49,11 +49,13 @@ def test_peakmem_measures_a_known_allocation(shell, capsys):
     assert "peak memory:" in capsys.readouterr().out
 
 
-def test_peakmem_reports_a_bad_device_without_running_the_cell(shell, capsys):
+def test_peakmem_reports_a_bad_device_without_running_the_cell(shell):
+    from IPython.core.error import UsageError
+
     shell.run_line_magic("load_ext", "nbbatch")
-    shell.run_cell_magic("peakmem", "tpu", "ran = True\n")
+    with pytest.raises(UsageError, match="device='tpu'"):
+        shell.run_cell_magic("peakmem", "tpu", "ran = True\n")
     assert "ran" not in shell.user_ns
-    assert "device" in capsys.readouterr().err
 
 
 def test_sampled_fallback_sees_a_peak(monkeypatch):
@@ -72,3 +74,17 @@ def test_peakmem_on_cuda_reads_the_allocator_peak():
         x = torch.ones(64 * 2**20 // 4, device="cuda")      # 64 MiB
         del x
     assert m.method == "cuda allocator" and 64 * 2**20 <= m.peak_bytes < 80 * 2**20
+
+
+def test_peakmem_cell_errors_fail_the_cell_and_values_are_its_result(shell, capsys):
+    shell.run_line_magic("load_ext", "nbbatch")
+    r = shell.run_cell("%%peakmem cpu\nx = 1\n1/0\n")
+    assert not r.success and isinstance(r.error_in_exec, ZeroDivisionError)   # Run All stops here
+    assert shell.user_ns["x"] == 1 and "peak memory:" in capsys.readouterr().out
+    r = shell.run_cell("%%peakmem cpu\ny = 20\n%time z = 2\ny + z\n")   # magics inside still work
+    assert r.success and r.result == 22 and shell.user_ns["z"] == 2
+    r = shell.run_cell("%%peakmem cpu\nran = True\n1 +\n")
+    assert not r.success and "ran" not in shell.user_ns
+    r = shell.run_cell("%%peakmem tpu\nran = True\n")
+    assert not r.success and "ran" not in shell.user_ns
+    assert "%%peakmem" in capsys.readouterr().err

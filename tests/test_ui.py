@@ -1,5 +1,6 @@
 """The live controls, driven without a browser: .click() and .value drive real training."""
 import random
+import threading
 import time
 
 import pytest
@@ -144,6 +145,26 @@ def test_errors_in_the_training_thread_are_kept(small):
     check_history(t.history)
 
 
+def test_a_bad_checkpoint_path_is_refused_at_once_and_never_ends_the_run(small, tmp_path):
+    t = make_trainer(small)
+    c = RunController(t)
+    with pytest.raises(TypeError, match="path must be"):
+        c.checkpoint(None)
+    c.start(steps=200)                   # long enough to be paused while running
+    try:
+        c.pause()
+        assert c.wait_paused(TIMEOUT) and c.running
+        with pytest.raises(TypeError, match="path must be"):
+            c.checkpoint(None)                # refused here, not in the training thread
+        c.checkpoint(tmp_path)                # a directory: fails between steps, kept in rejected
+        c.resume()
+    finally:
+        assert c.wait(TIMEOUT)
+    assert t.step_count == 200 and not c.errors and c.state == "finished"
+    assert isinstance(c.rejected[0].error, OSError)
+    check_history(t.history)
+
+
 def test_interleaved_runs_take_turns_and_match_runs_alone(small):
     order = []
     ts = [make_trainer(small, batch_size=b) for b in (16, 64)]
@@ -199,6 +220,44 @@ def test_panel_value_changes_drive_training(small):
     p.train_button.click()
     assert p.trainer is not first and p.trainer.config.batch_size == 256 and p.runs == [first]
     assert p.trainer.step_count == 4 and first.step_count == 4 and len(first.history) == 4
+
+
+def test_train_right_after_a_run_keeps_the_live_redraws_of_the_new_run(small):
+    p = TrainingPanel(make_trainer(small), epochs=1, refresh=0.01)
+    release = threading.Event()
+
+    def slow_end():                           # the ended run's thread is slow to reach its final frame
+        if not p.controller.active:
+            release.wait(TIMEOUT)
+
+    p.controller._listeners.insert(0, slow_end)
+    try:
+        p.train()
+        wait_for(lambda: not p.controller.running)
+        p.epochs = 50
+        threading.Timer(0.2, release.set).start()
+        p.train()                             # Train again before the old thread drew its final frame
+        wait_for(lambda: p._refresher.final_frames >= 1)
+        time.sleep(0.05)
+        assert p.controller.running and p._refresher._thread is not None and p._refresher._thread.is_alive()
+    finally:
+        release.set()
+        p.close()
+
+
+def test_a_builder_returning_no_trainer_is_shown_and_keeps_the_run(small):
+    build = default_builder(small, device="cpu")
+    p = TrainingPanel(build=lambda **v: build(**v) if v["batch_size"] == 200 else None, epochs=1,
+                      headless=True, values={"batch_size": 200})
+    p.train_button.click()
+    first, controller = p.trainer, p.controller
+    p.batch_size_w.value = 256
+    p.train_button.click()
+    assert isinstance(p.error, TypeError) and "build must return" in p.message.value
+    assert p.trainer is first and p.controller is controller and p.runs == []
+    p.batch_size_w.value = 200
+    p.train_button.click()                    # the kept run trains on
+    assert first.step_count == 8 and p.controller.state == "finished"
 
 
 def test_rejected_settings_are_shown_and_keep_the_run(small):
@@ -267,6 +326,22 @@ def test_live_panel_stop_pause_and_checkpoint(small, tmp_path):
         p.close()
 
 
+def test_reset_while_paused_leaves_the_pause_button_ready(small):
+    p = TrainingPanel(data=small, epochs=50, refresh=0.05, values={"batch_size": 16})
+    try:
+        p.train_button.click()
+        wait_for(lambda: p.trainer is not None and p.trainer.step_count >= 2)
+        p.pause_button.click()
+        assert p.controller.wait_paused(TIMEOUT) and p.pause_button.description == "Resume"
+        first = p.trainer
+        p.reset_button.click()
+        assert p.runs == [first] and p.trainer is not first
+        check_history(first.history)
+        assert p.pause_button.description == "Pause" and p.controller.state == "idle"
+    finally:
+        p.close()
+
+
 def test_random_clicks_and_slider_moves_during_training(small, tmp_path):
     rng = random.Random(0)
     p = TrainingPanel(data=small, epochs=3, refresh=0.02, checkpoint_path=tmp_path / "c.pt",
@@ -306,6 +381,50 @@ def test_random_clicks_and_slider_moves_during_training(small, tmp_path):
         p.close()
 
 
+def test_panel_records_each_training_error_once_when_threads_sync_together(small):
+    from nbbatch.ui import RunError
+
+    p = TrainingPanel(make_trainer(small), epochs=1, headless=True)
+    p.controller.errors.extend(RunError(0, "B=32", ValueError(i)) for i in range(50))
+    p._show = lambda *a, **k: time.sleep(0.001)     # a widget update lets other threads run
+    barrier = threading.Barrier(8)
+
+    def sync():                               # the refresh thread and widget callbacks at once
+        barrier.wait()
+        p._sync_controller_errors()
+
+    threads = [threading.Thread(target=sync) for _ in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(TIMEOUT)
+    assert [e.args[0] for e in p.errors] == list(range(50))
+
+
+def test_panel_keeps_a_learning_rate_outside_the_default_slider_range(small):
+    t = make_trainer(small, lr=5e-5)
+    p = TrainingPanel(t, epochs=1, headless=True)
+    p.train_button.click()
+    assert t.history.steps["lr"] == pytest.approx([5e-5] * 25)     # not clamped to the slider's 1e-4
+    p = TrainingPanel(data=small, epochs=1, headless=True, values={"lr": 30.0})
+    assert p.lr_w.value == 30.0
+    with pytest.raises(ValueError, match=r"values\['lr'\]"):
+        TrainingPanel(data=small, values={"lr": 0})
+
+
+def test_panel_for_a_given_trainer_keeps_its_warm_up(small):
+    for opts in ({"warmup": "linear", "warmup_epochs": 1}, {"warmup": "constant", "warmup_steps": 10}):
+        ref = make_trainer(small, **opts)
+        ref.fit(epochs=2)
+        t = make_trainer(small, **opts)
+        p = TrainingPanel(t, epochs=2, headless=True)
+        p.train_button.click()
+        assert t.config.warmup == opts["warmup"] and p.error is None
+        assert t.history.steps["lr"] == pytest.approx(ref.history.steps["lr"])
+        p.warmup_w.value = 20                 # a slider move still changes it
+        assert t.config.warmup == "linear" and t.config.warmup_steps == 20
+
+
 def test_panel_rejects_bad_arguments(small):
     with pytest.raises(ValueError, match="epochs"):
         TrainingPanel(data=small, epochs=0)
@@ -329,6 +448,36 @@ def test_panel_for_a_given_trainer_fixes_structure(small):
     t.fit(steps=3)                            # a fit by hand is not held by the panel's controller
     assert t.step_count == 11
     check_history(t.history)
+
+
+
+def _ends_before_start_returns(controller):
+    start = controller.start
+
+    def fast_start(*args, **kwargs):       # a run so short it ends before start() returns
+        start(*args, **kwargs)
+        controller.wait(TIMEOUT)
+
+    controller.start = fast_start
+
+
+def test_a_run_that_ends_at_once_leaves_no_refresh_thread(small):
+    p = TrainingPanel(make_trainer(small), epochs=1, refresh=0.01)
+    try:
+        _ends_before_start_returns(p.controller)
+        p.train()
+        assert p.trainer.step_count == 25 and p._refresher.final_frames == 1
+        assert p._refresher._thread is None, "the live redraw thread outlives the run"
+    finally:
+        p.close()
+    rc = RunComparison([make_trainer(small), make_trainer(small, batch_size=64)], epochs=1, refresh=0.01)
+    try:
+        _ends_before_start_returns(rc.controller)
+        rc.train()
+        assert [t.step_count for t in rc.trainers] == [25, 13] and rc._refresher.final_frames == 1
+        assert rc._refresher._thread is None, "the live redraw thread outlives the runs"
+    finally:
+        rc.close()
 
 
 # ---------------------------------------------------------------------- comparison
@@ -370,6 +519,10 @@ def test_comparison_rejects_bad_configs(small):
         RunComparison([], data=small)
     with pytest.raises(ValueError, match="batch_sizes"):
         compare("16", data=small)
+    with pytest.raises(ValueError, match="epochs must be a number > 0, got 0"):
+        compare((16,), data=small, epochs=0, headless=True)       # raised, not a message nobody sees
+    with pytest.raises(ValueError, match="steps must be a positive int, got 2.5"):
+        RunComparison([{"batch_size": 8}], data=small, steps=2.5)
 
 
 # ---------------------------------------------------------------------- figures
@@ -414,6 +567,25 @@ def test_refresher_keeps_errors_and_draws_a_final_frame():
     assert r.final_frames == 1 and r._thread is None and isinstance(r.errors[0], RuntimeError) and r.frames == len(calls) - 1
     with pytest.raises(ValueError, match="refresh interval"):
         Refresher(draw, interval=0)
+
+
+def test_refresher_final_frames_from_two_threads_never_overlap():
+    inside, overlaps = [], []
+
+    def draw():
+        inside.append(1)
+        overlaps.append(len(inside) > 1)
+        time.sleep(0.02)
+        inside.pop()
+
+    r = Refresher(draw, interval=0.01)
+    r.start()
+    threads = [threading.Thread(target=r.final) for _ in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(TIMEOUT)
+    assert r.final_frames == 4 and len(overlaps) >= 4 and not any(overlaps) and r._thread is None
 
 
 # ---------------------------------------------------------------------- Trainer.fit progress bar

@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 
 import ipywidgets as widgets
 
-from .controller import INTERLEAVE, RunController
+from .controller import INTERLEAVE, RunController, check_length
 from .plots import LiveFigure, Refresher, snapshot
 
 
@@ -72,6 +72,7 @@ class RunComparison:
             epochs = None
         if epochs is None and steps is None:
             raise ValueError("give epochs=... or steps=...")
+        check_length(epochs, steps)   # now, not as a message at the first Train (a headless compare() would not train)
         if not isinstance(headless, bool):
             raise TypeError(f"headless must be True or False, got {headless!r}")
         trainers = []
@@ -130,19 +131,22 @@ class RunComparison:
             if c.paused:
                 self.toggle_pause()
             return
+        c.wait()   # the last runs' thread may still be drawing its final frame
+        if not self.headless:
+            # before the runs: runs that end at once then stop it again (their final frame)
+            self._refresher.start()
         try:
             if c.resumable:
                 c.start()
             else:
                 c.start(epochs=self.epochs, steps=self.steps)
         except (ValueError, RuntimeError) as err:
+            self._refresher.stop()
             self.message.value = f'<span style="color:#b00020">{html.escape(str(err))}</span>'
             return
         if self.headless:
             c.wait()
             self._draw()
-        else:
-            self._refresher.start()
 
     def toggle_pause(self) -> None:
         c = self.controller

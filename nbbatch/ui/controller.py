@@ -9,6 +9,7 @@ run concurrently. Written by hand: no maintained library schedules torch trainin
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import traceback
@@ -16,6 +17,16 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 INTERLEAVE = ("steps", "time")
+
+
+def check_length(epochs: float | None, steps: int | None) -> None:
+    """Raise ValueError unless ``epochs`` and ``steps`` are None or a valid training length (not both)."""
+    if epochs is not None and steps is not None:
+        raise ValueError("give epochs or steps, not both")
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not epochs > 0):
+        raise ValueError(f"epochs must be a number > 0, got {epochs!r}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
 
 
 @dataclass
@@ -157,12 +168,7 @@ class RunController:
         continues it to that end. Returns at once unless ``block`` (then it waits, and a
         KeyboardInterrupt stops the runs cleanly before it is re-raised).
         """
-        if epochs is not None and steps is not None:
-            raise ValueError("give epochs or steps, not both")
-        if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not epochs > 0):
-            raise ValueError(f"epochs must be a number > 0, got {epochs!r}")
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-            raise ValueError(f"steps must be a positive int, got {steps!r}")
+        check_length(epochs, steps)
         with self._cond:
             if self.running:
                 raise RuntimeError("training is already running; stop() or pause() it first")
@@ -277,6 +283,10 @@ class RunController:
     def checkpoint(self, path, run: int = 0) -> None:
         """Save run ``run`` to ``path`` between steps (at once when idle)."""
         (i,) = self._runs(run)
+        try:   # checked now: a bad path must not reach the training thread, where it would end the run
+            path = os.fspath(path)
+        except TypeError:
+            raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}") from None
         with self._cond:
             if self.running:
                 self._pending_ckpt.append((i, path))
@@ -330,7 +340,7 @@ class RunController:
                 continue
             try:
                 self.trainers[i].save(path)
-            except OSError as err:
+            except Exception as err:   # a failed checkpoint is reported, it never ends the run
                 self.rejected.append(RunError(i, self.labels[i], err))
         self._pending_ckpt = keep
 

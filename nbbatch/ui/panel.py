@@ -7,7 +7,9 @@ stop, reschedule, checkpoint between optimizer steps) and build Trainers from th
 from __future__ import annotations
 
 import html
+import math
 import os
+import threading
 import time
 from typing import Any, Callable, Mapping
 
@@ -126,6 +128,7 @@ class TrainingPanel:
         self._built_values: dict | None = None
         self._seen_errors = 0
         self._seen_messages = 0
+        self._sync_lock = threading.Lock()        # the refresh thread and widget callbacks both sync errors
         self._make_widgets(vals, fixed=trainer is not None)
         self._figure: LiveFigure | None = None
         self._refresher = Refresher(self._draw, interval=refresh, tick=self._tick)
@@ -142,7 +145,12 @@ class TrainingPanel:
         sizes = sorted(set(BATCH_SIZES) | {v["batch_size"]})
         self.batch_size_w = W.SelectionSlider(options=sizes, value=v["batch_size"], description="batch size",
                                               style=style, layout=lay)
-        self.lr_w = W.FloatLogSlider(value=v["lr"], base=10, min=-4, max=1, step=0.05, description="learning rate",
+        lr = v["lr"]
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
+            raise ValueError(f"values['lr'] must be a number > 0, got {lr!r}")
+        # the slider's range reaches the given lr: a clamped slider would retrain at another lr
+        self.lr_w = W.FloatLogSlider(value=lr, base=10, min=min(-4, math.floor(math.log10(lr))),
+                                     max=max(1, math.ceil(math.log10(lr))), step=0.05, description="learning rate",
                                      readout_format=".3g", style=style, layout=lay)
         self.warmup_w = W.IntSlider(value=v["warmup_steps"], min=0, max=max(500, v["warmup_steps"]), step=10,
                                     description="warm-up steps", style=style, layout=lay)
@@ -220,12 +228,13 @@ class TrainingPanel:
         c = self.controller
         if c is None:
             return
-        for e in c.errors[self._seen_errors:]:
-            self._record_error(e.error, "training stopped with an error")
-        self._seen_errors = len(c.errors)
-        for e in c.rejected[self._seen_messages:]:
-            self._record_error(e.error, "refused, the old setting stays")
-        self._seen_messages = len(c.rejected)
+        with self._sync_lock:   # each error recorded once, whichever thread sees it first
+            for e in c.errors[self._seen_errors:]:
+                self._record_error(e.error, "training stopped with an error")
+                self._seen_errors += 1
+            for e in c.rejected[self._seen_messages:]:
+                self._record_error(e.error, "refused, the old setting stays")
+                self._seen_messages += 1
 
     def _update_status(self) -> None:
         t = self.trainer
@@ -300,6 +309,8 @@ class TrainingPanel:
         values = self.values()
         try:
             trainer = self.build(**values)
+            if not (hasattr(trainer, "fit") and hasattr(trainer, "config")):   # checked before the run is replaced
+                raise TypeError(f"build must return an nbbatch Trainer, got {type(trainer).__name__}")
         except Exception as err:
             self._record_error(err, "settings rejected, the current run is kept")
             return False
@@ -336,23 +347,36 @@ class TrainingPanel:
             else:
                 self._show("already training")
             return
+        if self.controller is not None:
+            self.controller.wait()   # the last run's thread may still be drawing its final frame
         if self.trainer is None or (self.build is not None and
                                     {k: self.controls[k].value for k in STRUCTURAL} != self._built_values):
             if not self._build():
                 return
+        cfg = self.trainer.config
+        changes = {}   # only what the sliders change: a given Trainer's warm-up (by epochs, constant) stays
+        if self.lr_w.value != cfg.lr:
+            changes["lr"] = self.lr_w.value
+        if self.warmup_w.value != ((cfg.warmup_steps or 0) if cfg.warmup != "none" else 0):
+            changes.update(_warmup_options(self.warmup_w.value))
         try:
-            self.controller.reschedule(lr=self.lr_w.value, **_warmup_options(self.warmup_w.value))
+            if changes:
+                self.controller.reschedule(**changes)
         except (ValueError, TypeError) as err:
             self._record_error(err, "setting rejected")
             return
         self._sync_controller_errors()
         c = self.controller
+        if not self.headless:
+            # before the run: a run that ends at once then stops it again (its final frame)
+            self._refresher.start()
         try:
             if c.resumable:
                 c.start()
             else:
                 c.start(epochs=self.epochs)
         except (ValueError, RuntimeError) as err:
+            self._refresher.stop()
             self._record_error(err, "cannot start")
             return
         self.pause_button.description = "Pause"
@@ -361,7 +385,6 @@ class TrainingPanel:
             c.wait()
             self._draw()
         else:
-            self._refresher.start()
             self._update_status()
 
     def toggle_pause(self) -> None:
@@ -410,8 +433,8 @@ class TrainingPanel:
 
     def reset(self) -> None:
         """Stop, keep the current run in ``runs``, and start a fresh one from the controls."""
+        self.stop()   # also releases a pause (and its button)
         if self.controller is not None:
-            self.controller.stop()
             self.controller.wait()
         if self.build is None:
             self._show("this panel drives a given Trainer: Reset needs build=...", error=True)

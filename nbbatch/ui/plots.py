@@ -182,6 +182,9 @@ class Refresher:
         self.final_frames = 0
         self.cost = 0.0          # seconds the last frame took (kept across runs; may be preset)
         self.errors: list[BaseException] = []
+        # final() may come from two threads at once (the run's end, and start() of a run that
+        # ended at once): their frames must not render the same Figure together
+        self._final_lock = threading.Lock()
 
     def start(self) -> None:
         if self._thread is not None and self._thread.is_alive():
@@ -223,6 +226,7 @@ class Refresher:
 
     def final(self) -> None:
         """Stop the thread and draw the last frame."""
-        self.stop()
-        self.cost = self._call(self.draw)
-        self.final_frames += 1
+        with self._final_lock:
+            self.stop()
+            self.cost = self._call(self.draw)
+            self.final_frames += 1
