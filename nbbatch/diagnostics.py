@@ -850,9 +850,9 @@ def lr_find(trainer, *, start_lr: float = 1e-4, end_lr: float = 10.0, steps: int
             smoothing: float = 0.9, diverge: float = 4.0) -> LRFinderResult:
     """LR range test: train with the learning rate growing geometrically, then undo everything.
 
-    Runs up to ``steps`` optimizer steps on the trainer's model, optimizer and training batches
-    (in the order the run would see them, split into its micro-batches, with its gradient clipping
-    and fp16 loss scaling) with the learning rate
+    Runs up to ``steps`` of the trainer's own optimizer steps (its batches in the order the run
+    would see them, its micro-batches, loss scaling, clipping, gradient noise, checkpointing and
+    data parallelism; no callbacks) with the learning rate
     going from ``start_lr`` to ``end_lr``, and stops when the loss turns non-finite or its smoothed
     value exceeds ``diverge`` times the best. Then the model's parameters and buffers, its mode,
     the parameters' ``.grad``, the optimizer's state and hyperparameters and the random number
@@ -887,72 +887,46 @@ def lr_find(trainer, *, start_lr: float = 1e-4, end_lr: float = 10.0, steps: int
     if isinstance(diverge, bool) or not isinstance(diverge, (int, float)) or not diverge > 1:
         raise ValueError(f"diverge must be a number > 1, got {diverge!r}")
 
-    model, opt, scaler = trainer.model, trainer.optimizer, trainer.scaler
-    params = [p for g in opt.param_groups for p in g["params"]]
-    saved_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    saved_opt = copy.deepcopy(opt.state_dict())
-    saved_grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
-    saved_rng = torch.get_rng_state()
-    saved_cuda = torch.cuda.get_rng_state_all() if trainer.device.type == "cuda" else None
-    saved_scaler = copy.deepcopy(scaler.state_dict()) if scaler is not None else None
-    was_training = model.training
+    # The trainer's own step does the work (its micro-batches, loss scaling, clipping, gradient
+    # noise, checkpointing, data parallelism), with the learning rate taken from the range instead
+    # of the schedule; its full state (model, optimizer, progress, History, RNG) is put back after.
+    from .trainer import DivergenceError
 
-    lrs, losses, smoothed = [], [], []
+    model = trainer.model
+    params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+    saved_state = copy.deepcopy(trainer.state_dict())
+    saved_grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
+    saved_callbacks, was_training = trainer._callbacks, model.training
+    saved_batches, trainer._batches = trainer._batches, None   # a live loader iterator stays untouched
+    first = trainer.step_count
     ratio = (end_lr / start_lr) ** (1.0 / (steps - 1))
+    lrs, losses, smoothed = [], [], []
     avg, best, stopped = 0.0, math.inf, False
+    trainer._callbacks = {event: [] for event in saved_callbacks}   # the range test is not the run
+    trainer._schedule = lambda step: start_lr * ratio ** (step - first)
     model.train()
     try:
-        def batches():
-            epoch, start = trainer.epoch, trainer.batch_in_epoch
-            while True:
-                yield from trainer._train.batches(epoch, start)
-                epoch, start = epoch + 1, 0
-
-        for i, (xb, yb) in zip(range(steps), batches()):
-            lr_i = start_lr * ratio ** i
-            for group in opt.param_groups:
-                group["lr"] = lr_i
-            opt.zero_grad(set_to_none=True)
-            n = xb.shape[0]
-            k = min(trainer.config.accumulate, n)
-            total = 0.0
-            for xm, ym in zip(xb.tensor_split(k), yb.tensor_split(k)):
-                with trainer._autocast:
-                    loss = trainer.loss_fn(model(xm), ym) * (xm.shape[0] / n)
-                # fp16: scale the loss as the trainer's step does, or small gradients underflow to 0
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-                total += loss.item()
-            if not math.isfinite(total):
+        for i in range(steps):
+            try:
+                row = trainer._guarded_step()
+            except DivergenceError:   # a non-finite loss or gradient: no update was made
                 stopped = True
                 break
-            lrs.append(lr_i)
-            losses.append(total)
-            avg = smoothing * avg + (1 - smoothing) * total
+            lrs.append(row["lr"])
+            losses.append(row["loss"])
+            avg = smoothing * avg + (1 - smoothing) * row["loss"]
             smooth = avg / (1 - smoothing ** (i + 1))
             smoothed.append(smooth)
             best = min(best, smooth)
             if smooth > diverge * best:
                 stopped = True
                 break
-            if trainer.config.clip_grad_norm is not None:   # clipped as in training (true gradients)
-                if scaler is not None:
-                    scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(params, trainer.config.clip_grad_norm)
-            if scaler is not None:   # unscales, skips a step with inf/nan gradients, adapts the scale
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
     finally:
-        model.load_state_dict(saved_model)
-        opt.load_state_dict(saved_opt)
+        trainer._callbacks = saved_callbacks
+        trainer.load_state_dict(saved_state)
+        trainer._batches = saved_batches
         for p, g in zip(params, saved_grads):
             p.grad = g
-        torch.set_rng_state(saved_rng)
-        if saved_cuda is not None:
-            torch.cuda.set_rng_state_all(saved_cuda)
-        if saved_scaler is not None:
-            scaler.load_state_dict(saved_scaler)
         model.train(was_training)
     if not lrs:
         raise ValueError(f"lr_find: the loss was not finite even at start_lr={start_lr}")

@@ -574,3 +574,18 @@ def test_lr_finder_result_repr_is_a_summary():
     from nbbatch.diagnostics import LRFinderResult
     r = LRFinderResult([1e-4] * 99 + [10.0], [2.3] * 100, [2.3] * 100, 0.05, False)
     assert repr(r) == "LRFinderResult(steps=100, lrs=0.0001..10, suggested_lr=0.05, stopped_early=False)"
+
+
+def test_lr_find_runs_the_trainers_own_step_without_its_callbacks(teacher):
+    """Checkpointed forward and all: the range test is the run's step at other learning rates."""
+    def make(**options):
+        torch.manual_seed(0)
+        return Trainer(small_model(), (teacher.x_train, teacher.y_train), batch_size=32, lr=0.05,
+                       optimizer="momentum", device="cpu", **options)
+
+    plain, checkpointed = make(), make(checkpoint_segments=2)
+    calls = []
+    checkpointed.add_callback("step_end", lambda t, row: calls.append(row))
+    a, b = lr_find(plain, steps=15), lr_find(checkpointed, steps=15)
+    assert a.lrs == b.lrs and a.losses == pytest.approx(b.losses, rel=1e-6, abs=0)
+    assert calls == [] and len(checkpointed.history.steps) == 0 and checkpointed.step_count == 0
