@@ -140,5 +140,6 @@ def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} {torch.cuda.get_device_name(device)}"
     if device.type == "cpu":
-        return f"cpu ({torch.get_num_threads()} threads, {os.cpu_count()} cores)"
+        threads = torch.get_num_threads()
+        return f"cpu ({threads} thread{'' if threads == 1 else 's'}, {os.cpu_count()} cores)"
     return str(device)

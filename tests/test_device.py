@@ -53,7 +53,9 @@ def test_seed_everything_seeds_all_generators():
 def test_memory_readings_on_cpu():
     assert peak_memory_bytes(torch.device("cpu")) is None
     assert process_peak_rss_bytes() > 10 * 2**20
-    assert describe_device(torch.device("cpu")).startswith("cpu (1 threads")
+    assert describe_device(torch.device("cpu")).startswith("cpu (1 thread,")
+    torch.set_num_threads(2)
+    assert describe_device(torch.device("cpu")).startswith("cpu (2 threads,")
 
 
 @requires_cuda
