@@ -92,11 +92,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         True
     """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
+        try:
+            s.bind((host, 0))
+        except (OSError, TypeError) as err:   # socket.gaierror for a name that does not resolve
+            raise ValueError(f"host={host!r} is not an address of this machine to listen on ({err}); "
+                             f"use '127.0.0.1' for local workers") from None
         return s.getsockname()[1]
 
 
 def _check_port_free(host: str, port: int) -> None:
+    free_port(host)   # checks the host first
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
             s.bind((host, port))

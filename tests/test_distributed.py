@@ -336,7 +336,9 @@ def test_launch_rejects_bad_arguments_and_a_busy_port(monkeypatch):
                             (dict(timeout=True), "timeout must be a finite number of seconds > 0"),
                             (dict(timeout="60"), "timeout must be a finite number of seconds > 0"),
                             (dict(grace=None), "grace must be a finite number of seconds >= 0"),
-                            (dict(grace=-1.0), "grace must be a finite number of seconds >= 0")]:
+                            (dict(grace=-1.0), "grace must be a finite number of seconds >= 0"),
+                            (dict(host=None), "host=None is not an address of this machine"),
+                            (dict(host=None, port=29999), "host=None is not an address of this machine")]:
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
             launch(sleep_long, **kwargs)
     with pytest.raises(TypeError, match="fn must be callable"):
