@@ -1,6 +1,7 @@
 """The live controls, driven without a browser: .click() and .value drive real training."""
 import random
 import threading
+import warnings
 import time
 
 import pytest
@@ -542,6 +543,21 @@ def test_live_figure_plots_the_history():
     assert fig._noise_ax is not None and fig._lines[("noise", 0)].get_xdata()[-1] == 4000
     with pytest.raises(ValueError, match="histories"):
         fig.update([h, h])
+
+
+def test_live_figure_uses_a_linear_loss_axis_for_losses_at_or_below_zero():
+    h = History()
+    for s, loss in enumerate([1.0, 0.5, -0.25], start=1):     # a custom loss may go below zero
+        h.steps.append({"step": s, "epoch": s / 10, "examples": 8 * s, "loss": loss, "lr": 0.1, "batch_size": 8,
+                        "time": 0.01 * s, "examples_per_s": 800.0, "peak_memory": None})
+    fig = LiveFigure(["run"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                       # matplotlib's "no positive values" warning
+        fig.png([h])
+    assert {fig.axes[t].get_yscale() for _, y, t in plots.PANELS if y == "loss"} == {"linear"}
+    h.steps.truncate(2)
+    fig.png([h])
+    assert {fig.axes[t].get_yscale() for _, y, t in plots.PANELS if y == "loss"} == {"log"}
 
 
 def test_snapshot_cuts_columns_to_a_common_length():

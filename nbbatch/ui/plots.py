@@ -106,6 +106,12 @@ class LiveFigure:
         metric = self._metric_name(snaps)
         self.axes["eval metric vs step"].set_title(metric or "eval metric vs step", fontsize=9)
         peaks, noise = [], []
+        # A log axis cannot show a loss <= 0 (a custom loss may have one): such runs get a linear axis.
+        losses = (v for s in snaps for v in (*s["steps"].get("loss", []), *s["evals"].get("eval_loss", [])))
+        scale = "log" if all(v > 0 for v in losses) else "linear"
+        for x, y, title in PANELS:
+            if y == "loss" and self.axes[title].get_yscale() != scale:
+                self.axes[title].set_yscale(scale)
         for i, s in enumerate(snaps):
             st, ev = s["steps"], s["evals"]
             for x, y, title in PANELS:
