@@ -132,16 +132,9 @@ class RunComparison:
                 self.toggle_pause()
             return
         c.wait()   # the last runs' thread may still be drawing its final frame
-        if not self.headless:
-            # before the runs: runs that end at once then stop it again (their final frame)
-            self._refresher.start()
         try:
-            if c.resumable:
-                c.start()
-            else:
-                c.start(epochs=self.epochs, steps=self.steps)
+            c.start_live(self._refresher, live=not self.headless, epochs=self.epochs, steps=self.steps)
         except (ValueError, RuntimeError) as err:
-            self._refresher.stop()
             self.message.value = f'<span style="color:#b00020">{html.escape(str(err))}</span>'
             return
         if self.headless:

@@ -160,6 +160,24 @@ class RunController:
                 self.messages.append(f"listener failed: {type(err).__name__}: {err}")
 
     # ------------------------------------------------------------------ controls
+    def start_live(self, refresher, *, live: bool = True, epochs: float | None = None,
+                   steps: int | None = None) -> None:
+        """Continue a stopped segment, or ``start(epochs, steps)``, with ``refresher`` redrawing.
+
+        The redraws start before the runs, so runs that end at once stop them again (with their
+        final frame); a start that fails stops them and re-raises. ``live=False``: no redraws.
+        """
+        if live:
+            refresher.start()
+        try:
+            if self.resumable:
+                self.start()
+            else:
+                self.start(epochs=epochs, steps=steps)
+        except (ValueError, RuntimeError):
+            refresher.stop()
+            raise
+
     def start(self, epochs: float | None = None, steps: int | None = None, *, block: bool = False,
               timeout: float | None = None) -> None:
         """Train every run for ``epochs`` or ``steps`` more (or continue a stopped segment).

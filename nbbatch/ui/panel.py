@@ -367,16 +367,9 @@ class TrainingPanel:
             return
         self._sync_controller_errors()
         c = self.controller
-        if not self.headless:
-            # before the run: a run that ends at once then stops it again (its final frame)
-            self._refresher.start()
         try:
-            if c.resumable:
-                c.start()
-            else:
-                c.start(epochs=self.epochs)
+            c.start_live(self._refresher, live=not self.headless, epochs=self.epochs)
         except (ValueError, RuntimeError) as err:
-            self._refresher.stop()
             self._record_error(err, "cannot start")
             return
         self.pause_button.description = "Pause"
