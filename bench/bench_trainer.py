@@ -339,7 +339,7 @@ def main(argv=None) -> int:
                   f"{statistics.median(paired):.3f} [{min(paired):.2f}-{max(paired):.2f}] | "
                   f"{min(ts) / min(tb):.3f} | {med / steps * 1e6:.1f} | {(med - medb) / steps * 1e6:+.1f} |")
 
-    print("\ngoal (issue): trainer <= 1.05x hand loop, History recording on "
+    print("\ngoal: trainer <= 1.05x hand loop, History recording on "
           "(90% bootstrap interval of the ratio of medians in brackets):")
     for bs in batch_sizes:
         th, tt = times["hand", bs], times["trainer", bs]
