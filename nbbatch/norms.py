@@ -80,11 +80,16 @@ class _GhostMixin:
     virtual_batch_size: int
     remainder: str
 
-    def _ghost_init(self, virtual_batch_size: Any, remainder: Any) -> None:
-        self.virtual_batch_size = _check_int("virtual_batch_size", virtual_batch_size, 2)
+    def __init__(self, num_features: int, virtual_batch_size: int = 32, eps: float = 1e-5,
+                 momentum: Optional[float] = 0.1, affine: bool = True, track_running_stats: bool = True,
+                 remainder: str = "merge", device=None, dtype=None) -> None:
+        # checked before the parent builds anything
+        virtual_batch_size = _check_int("virtual_batch_size", virtual_batch_size, 2)
         if remainder not in REMAINDERS:
             raise ValueError(f"remainder must be one of {REMAINDERS}, got {remainder!r}")
-        self.remainder = remainder
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
+                         track_running_stats=track_running_stats, device=device, dtype=dtype)
+        self.virtual_batch_size, self.remainder = virtual_batch_size, remainder
 
     def virtual_sizes(self, batch_size: int) -> list[int]:
         """The sizes of the virtual batches a training batch of ``batch_size`` is split into.
@@ -161,13 +166,6 @@ class GhostBatchNorm1d(_GhostMixin, nn.BatchNorm1d):
         ([4, 6], torch.Size([8, 3]))
     """
 
-    def __init__(self, num_features: int, virtual_batch_size: int = 32, eps: float = 1e-5,
-                 momentum: Optional[float] = 0.1, affine: bool = True, track_running_stats: bool = True,
-                 remainder: str = "merge", device=None, dtype=None) -> None:
-        self._ghost_init(virtual_batch_size, remainder)
-        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
-                         track_running_stats=track_running_stats, device=device, dtype=dtype)
-
 
 class GhostBatchNorm2d(_GhostMixin, nn.BatchNorm2d):
     """Batch norm over virtual batches of ``virtual_batch_size`` examples, for images ``(N, C, H, W)``.
@@ -179,13 +177,6 @@ class GhostBatchNorm2d(_GhostMixin, nn.BatchNorm2d):
         >>> gbn(torch.randn(6, 4, 5, 5)).shape, gbn.num_batches_tracked.item()
         (torch.Size([6, 4, 5, 5]), 3)
     """
-
-    def __init__(self, num_features: int, virtual_batch_size: int = 32, eps: float = 1e-5,
-                 momentum: Optional[float] = 0.1, affine: bool = True, track_running_stats: bool = True,
-                 remainder: str = "merge", device=None, dtype=None) -> None:
-        self._ghost_init(virtual_batch_size, remainder)
-        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
-                         track_running_stats=track_running_stats, device=device, dtype=dtype)
 
 
 _GHOST = {nn.BatchNorm1d: GhostBatchNorm1d, nn.BatchNorm2d: GhostBatchNorm2d}
