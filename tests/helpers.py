@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils.data import Dataset
 
 
 def make_mlp(seed=0, d_in=8, d_out=3, hidden=16, dropout=0.0):
@@ -22,3 +23,16 @@ def same_weights(a, b):
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+class PairDataset(Dataset):
+    """A map-style dataset read item by item, to exercise the Dataset path."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]

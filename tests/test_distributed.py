@@ -13,9 +13,9 @@ import time
 import pytest
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import make_mlp, weights
+from helpers import PairDataset, make_mlp, weights
 from nbbatch import Trainer
 from nbbatch import distributed as nbdist
 from nbbatch.batching import TensorBatches, epoch_permutation
@@ -29,19 +29,6 @@ def toy_data(n=200):
     x = torch.randn(n, 8, generator=g)
     w = torch.randn(8, 3, generator=g)
     return x, (x @ w).argmax(dim=1)
-
-
-class PairDataset(Dataset):
-    """A map-style dataset (read item by item), to exercise the Dataset path."""
-
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i], self.y[i]
 
 
 def run(batch_size, steps, accumulate=1, n=200, as_dataset=False, optimizer="momentum", new_group=False, **options):

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import make_mlp, requires_cuda, same_weights, weights
+from helpers import PairDataset, make_mlp, requires_cuda, same_weights, weights
 from nbbatch import DivergenceError, Schedule, TrainConfig, Trainer
 from nbbatch.batching import epoch_permutation
 
@@ -425,21 +425,12 @@ def test_mse_regression_and_custom_metrics():
 
 
 # ---------------------------------------------------------------------------- data path
-class _MapDataset(Dataset):
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i], self.y[i]
 
 
 def test_dataset_and_tensor_paths_give_identical_runs(toy):
     x, y = toy
     runs, evals = [], []
-    for data in ((x, y), TensorDataset(x, y), _MapDataset(x, y)):
+    for data in ((x, y), TensorDataset(x, y), PairDataset(x, y)):
         model = make_mlp()
         t = Trainer(model, data, batch_size=32, lr=0.1, seed=7)
         t.fit(epochs=2)
@@ -448,7 +439,7 @@ def test_dataset_and_tensor_paths_give_identical_runs(toy):
     assert same_weights(runs[0], runs[1]) and same_weights(runs[0], runs[2])
     assert evals[1] == pytest.approx(evals[0]) and evals[2] == pytest.approx(evals[0])
     assert Trainer(make_mlp(), TensorDataset(x, y))._train.kind == "tensors"
-    assert Trainer(make_mlp(), _MapDataset(x, y))._train.kind == "dataset"
+    assert Trainer(make_mlp(), PairDataset(x, y))._train.kind == "dataset"
 
 
 def test_dataloader_is_used_as_given(toy):
@@ -606,7 +597,7 @@ def test_resume_mid_epoch_with_dataset_and_loader_sources(toy, tmp_path, kind):
 
     def source():
         if kind == "dataset":
-            return _MapDataset(x, y)
+            return PairDataset(x, y)
         return DataLoader(TensorDataset(x, y), batch_size=16, shuffle=False)
 
     opts = dict(batch_size=16, lr=0.05, optimizer="momentum", seed=3)
