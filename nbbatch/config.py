@@ -77,7 +77,9 @@ class TrainConfig:
             micro-batch against the whole batch (two half-batches when ``accumulate=1``: the same update
             up to rounding, except over batch norm, where each half is normalised on its own and the
             Trainer warns) and record ``noise_grad_sq``, ``noise_trace`` and ``b_simple`` in the History
-            (None: off); needs ``batch_size >= 2``.
+            (None: off); needs ``batch_size >= 2``. The estimates carry the finite-population
+            correction ``1/B - 1/N`` (N: the training set; a DataLoader whose sampler is not torch's
+            shuffling or sequential one uses the ``1/B`` approximation); see ``OnlineNoiseScale``.
         noise_scale_smoothing: EMA weight of the past for the recorded ``b_simple``, in [0, 1).
         checkpoint_segments: activation checkpointing of an ``nn.Sequential`` model in this many
             chunks (0: off); see ``nbbatch.memory.CheckpointedSequential``.

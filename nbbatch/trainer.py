@@ -249,7 +249,10 @@ class Trainer:
         self._reads_memory = device.type != "cpu"   # the CPU keeps no allocator statistics
         self._noise = None
         if cfg.noise_scale_every is not None:
-            self._noise = OnlineNoiseScale(cfg.noise_scale_every, cfg.noise_scale_smoothing)
+            # The finite-population correction needs N, the examples each global batch is drawn from
+            # without replacement; None (McCandlish's 1/B) where the source does not say.
+            self._noise = OnlineNoiseScale(cfg.noise_scale_every, cfg.noise_scale_smoothing,
+                                           population=_sampled_population(data, n_train))
 
     # ------------------------------------------------------------------ small public surface
     @property
@@ -1023,6 +1026,25 @@ def _length(data) -> int | None:
     if isinstance(data, DataLoader):
         return len(data.dataset) if hasattr(data.dataset, "__len__") else None
     return len(data)
+
+
+def _sampled_population(data, n_train: int | None) -> int | None:
+    """N for the online noise scale: the examples each batch is drawn from without replacement.
+
+    Tensors, a DataBundle and a map-style Dataset are shuffled by the Trainer (one permutation per
+    epoch, shared by all processes): N is the training set. A DataLoader draws by its sampler: N is
+    its dataset's length for torch's shuffling (without replacement) or sequential sampler over the
+    whole dataset, else None (unknown: the 1/B approximation).
+    """
+    if not isinstance(data, DataLoader):
+        return n_train
+    sampler = getattr(data, "sampler", None)
+    whole = n_train is not None and n_train >= 2
+    if isinstance(sampler, torch.utils.data.RandomSampler):
+        return n_train if whole and not sampler.replacement and sampler.num_samples == n_train else None
+    if isinstance(sampler, torch.utils.data.SequentialSampler):
+        return n_train if whole else None
+    return None
 
 
 def _first_batch(data):
