@@ -31,7 +31,7 @@ from .distributed import StopAgreed
 from .distributed import resolve as resolve_distributed
 from .history import History
 from .norms import warn_accumulation_with_bn
-from .optim import LAMB, LARS, add_gradient_noise, gradient_noise_std
+from .optim import LAMB, LAMB_EPS, LARS, add_gradient_noise, gradient_noise_std, layerwise_groups
 from .memory import checkpointed
 from .schedules import Schedule, scale_lr
 
@@ -963,14 +963,18 @@ def _build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     name, lr, wd = cfg.optimizer, cfg.lr, cfg.weight_decay
     if name in ("sgd", "momentum", "nesterov"):
         return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum_value, nesterov=name == "nesterov", weight_decay=wd)
+    adam_eps = 1e-8 if cfg.eps is None else cfg.eps        # torch's (and Kingma & Ba's) default
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=wd)
+        return torch.optim.Adam(params, lr=lr, betas=tuple(cfg.betas), eps=adam_eps, weight_decay=wd)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=wd)
-    if name == "lars":
-        return LARS(params, lr=lr, momentum=cfg.momentum_value, weight_decay=wd)
-    if name == "lamb":
-        return LAMB(params, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=wd)
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.betas), eps=adam_eps, weight_decay=wd)
+    if name in ("lars", "lamb"):
+        # weight matrices adapted and decayed; 1-D tensors (biases, norms) neither, unless adapt_all
+        groups = layerwise_groups(params, wd, cfg.adapt_all)
+        if name == "lars":
+            return LARS(groups, lr=lr, momentum=cfg.momentum_value, weight_decay=wd)
+        return LAMB(groups, lr=lr, betas=tuple(cfg.betas), eps=LAMB_EPS if cfg.eps is None else cfg.eps,
+                    weight_decay=wd)
     try:
         opt = name(params, lr=lr)
     except TypeError as err:
