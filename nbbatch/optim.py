@@ -9,6 +9,9 @@ papers line by line (see each class), so the tests can check them against hand-c
 - LAMB (You et al. 2019, "Large Batch Optimization for Deep Learning: Training BERT in 76
   minutes"): the Adam direction with decoupled weight decay, rescaled per layer so that its norm
   is ``lr * |w|``.
+- ``layerwise_groups``: the parameter groups the Trainer uses for both by name: weight matrices
+  and kernels adapted and weight-decayed, 1-D tensors (biases, norm weights) neither, as the
+  papers' implementations do.
 - Gradient noise (Neelakantan et al. 2015, "Adding Gradient Noise Improves Learning for Very
   Deep Networks"): Gaussian noise of variance ``eta / (1 + t)**gamma`` added to each gradient.
 """
