@@ -1038,10 +1038,12 @@ def _sampled_population(data, n_train: int | None) -> int | None:
     Tensors, a DataBundle and a map-style Dataset are shuffled by the Trainer (one permutation per
     epoch, shared by all processes): N is the training set. A DataLoader draws by its sampler: N is
     its dataset's length for torch's shuffling (without replacement) or sequential sampler over the
-    whole dataset, else None (unknown: the 1/B approximation).
+    whole dataset, batched by torch's BatchSampler, else None (unknown: the 1/B approximation).
     """
     if not isinstance(data, DataLoader):
         return n_train
+    if not isinstance(data.batch_sampler, torch.utils.data.BatchSampler):   # a custom batch sampler
+        return None
     sampler = getattr(data, "sampler", None)
     whole = n_train is not None and n_train >= 2
     if isinstance(sampler, torch.utils.data.RandomSampler):

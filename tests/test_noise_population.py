@@ -255,3 +255,21 @@ def test_online_noise_scale_checks_the_population():
         OnlineNoiseScale(1, population=0)
     with pytest.raises(ValueError, match="population must be an int >= b_big=64"):
         OnlineNoiseScale(1, population=32).record(torch.tensor(2.0), torch.tensor(1.0), 4, 64)
+
+
+def test_a_loader_with_its_own_batch_sampler_uses_the_one_over_b_formula():
+    # a custom batch sampler draws in a way the Trainer cannot know: the recorded estimate is the
+    # 1/B formula applied to the two squared norms, which are computed here by hand
+    model, x, y = regression()
+    batches = [list(range(0, 24)), list(range(24, 48))]
+    loader = DataLoader(PairDataset(x, y), batch_sampler=batches)
+    t = Trainer(copy.deepcopy(model), loader, batch_size=24, lr=0.0, optimizer="sgd", loss="mse",
+                noise_scale_every=1, noise_scale_smoothing=0.0, seed=0, device="cpu")
+    t.fit(steps=2)
+    g = per_example_grads(model, x, y)
+    for step, idx in enumerate(batches):
+        sq_small = float((g[idx[:12]].mean(0) ** 2).sum())
+        sq_big = float((g[idx].mean(0) ** 2).sum())
+        g2, tr = two_batch_estimate(sq_small, sq_big, 12, 24)
+        assert t.history.steps["noise_grad_sq"][step] == pytest.approx(g2, rel=1e-4)
+        assert t.history.steps["noise_trace"][step] == pytest.approx(tr, rel=1e-4)
