@@ -138,13 +138,15 @@ def _lanczos_top(matvec: Callable, start: torch.Tensor, budget: int, tol: float,
     used = 0
     v = start / start.norm()
     theta, y = math.nan, v
+    store = torch.empty(krylov, len(v), dtype=v.dtype, device=v.device)   # the basis, one row per vector
     while used < budget:
-        basis, alpha, beta = [v], [], []
+        store[0] = v
+        alpha, beta = [], []
         for j in range(krylov):
-            w = matvec(basis[j])
+            w = matvec(store[j])
             used += 1
-            alpha.append(float(basis[j] @ w))
-            V = torch.stack(basis)                              # (j + 1, P)
+            alpha.append(float(store[j] @ w))
+            V = store[:j + 1]                                   # (j + 1, P)
             for _ in range(2):                                  # "twice is enough" (Kahan, Parlett)
                 w = w - V.T @ (V @ w)
             b = float(w.norm())
@@ -157,7 +159,7 @@ def _lanczos_top(matvec: Callable, start: torch.Tensor, budget: int, tol: float,
             theta, s = float(evals[k]), evecs[:, k].to(V.device)
             y = V.T @ s
             closed = b <= 1e-10 * max(float(evals.abs().max()), 1e-300)   # an invariant subspace
-            if len(basis) == len(v) or (not closed and b * abs(float(s[-1])) <= tol * abs(theta)):
+            if j + 1 == len(v) or (not closed and b * abs(float(s[-1])) <= tol * abs(theta)):
                 return theta, y, used, True                     # converged, or the basis spans the space
             if used >= budget or j == krylov - 1:
                 break
@@ -171,7 +173,7 @@ def _lanczos_top(matvec: Callable, start: torch.Tensor, budget: int, tol: float,
                 beta.append(0.0)
             else:
                 beta.append(b)
-            basis.append(w / b)
+            store[j + 1] = w / b
         v = y / y.norm()
     return theta, y, used, False
 
