@@ -280,6 +280,8 @@ class TrainConfig:
             if kwargs.get(name) is None and name not in overrides:
                 raise ValueError(f"the checkpoint's {name} was a custom callable "
                                  f"({values.get(name + '_name')!r}); pass {name}=... again when loading")
+        if "adapt_all" not in values and kwargs.get("optimizer") in ("lars", "lamb"):
+            kwargs["adapt_all"] = True   # written before the option: LARS/LAMB adapted every tensor then
         if values.get("metrics") is not None and "metrics" not in overrides:
             raise ValueError(f"the checkpoint used custom metrics {values['metrics']}; pass metrics=... again when loading")
         kwargs.update(overrides)

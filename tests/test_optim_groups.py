@@ -157,3 +157,22 @@ def test_resume_keeps_the_groups(tmp_path):
     assert [g["name"] for g in resumed.optimizer.param_groups] == ["adapted", "1-d"]
     for p, q in zip(resumed.model.parameters(), full.model.parameters()):
         assert torch.equal(p, q)
+
+
+def test_a_checkpoint_written_before_the_option_resumes_with_every_tensor_adapted(tmp_path):
+    # such a checkpoint holds one optimizer group (every tensor adapted) and no adapt_all
+    model, x, y = model_and_data()
+    opts = dict(batch_size=8, optimizer="lars", lr=2.0, weight_decay=0.01, seed=1, adapt_all=True)
+    full = Trainer(copy.deepcopy(model), (x, y), **opts)
+    full.fit(steps=6)
+    first = Trainer(copy.deepcopy(model), (x, y), **opts)
+    first.fit(steps=3)
+    first.save(tmp_path / "ck.pt")
+    state = torch.load(tmp_path / "ck.pt", weights_only=True)
+    del state["config"]["adapt_all"]
+    torch.save(state, tmp_path / "old.pt")
+    resumed = Trainer.load(tmp_path / "old.pt", copy.deepcopy(model), (x, y))
+    assert resumed.config.adapt_all and [g["name"] for g in resumed.optimizer.param_groups] == ["adapted"]
+    resumed.fit(steps=3)
+    for p, q in zip(resumed.model.parameters(), full.model.parameters()):
+        assert torch.equal(p, q)
