@@ -133,6 +133,9 @@ def sampling_factor(batch: int, population: int | None = None) -> float:
         >>> sampling_factor(8), sampling_factor(8, 48), sampling_factor(48, 48)
         (0.125, 0.10416666666666667, 0.0)
     """
+    _check_positive_int("batch", batch)
+    if population is not None and (not _is_int(population) or population < batch):
+        raise ValueError(f"population must be an int >= batch={batch} or None, got {population!r}")
     return 1.0 / batch - (0.0 if population is None else 1.0 / population)
 
 

@@ -77,6 +77,10 @@ def test_sampling_factor_is_the_variance_of_a_mean_without_replacement():
     s2 = float(v.var(unbiased=True))
     assert var_of_mean == pytest.approx(sampling_factor(2, 5) * s2, rel=1e-12)
     assert sampling_factor(4) == 0.25 and sampling_factor(5, 5) == 0.0
+    with pytest.raises(ValueError, match="batch must be a positive int, got 0"):
+        sampling_factor(0)
+    with pytest.raises(ValueError, match="population must be an int >= batch=8 or None, got 4"):
+        sampling_factor(8, 4)
 
 
 def test_two_batch_estimate_is_exact_in_expectation_by_enumeration():
