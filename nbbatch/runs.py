@@ -133,8 +133,8 @@ class MultiRun:
         for name, n in sizes.items():
             if n != R:
                 first = next(iter(sizes))
-                raise ValueError(f"{name}: {n} values but {first} gives {R} runs; every per-run list needs one "
-                                 f"value per run")
+                raise ValueError(f"{name}: {n} values but there are {R} runs (from {first}); give one value "
+                                 f"per run")
         base_cfg = config if config is not None else TrainConfig()
         shared = {k: v for k, v in options.items() if not (k in PER_RUN_OPTIONS and _is_list(v))}
         configs = []
@@ -307,10 +307,13 @@ class MultiRun:
                 k = peak / c.lr if c.lr > 0 else 1.0
                 start = 1.0 / k if k > 1.0 else 0.1
             total = self._steps(c.total_steps, c.total_epochs) or horizon
-            out.append(Schedule(peak, warmup=c.warmup, warmup_steps=warmup_steps if c.warmup != "none" else 0,
-                                warmup_start=start, decay=c.decay, total_steps=total,
-                                decay_every=self._steps(c.decay_steps, c.decay_epochs), decay_gamma=c.decay_gamma,
-                                min_factor=c.min_lr_factor))
+            try:
+                out.append(Schedule(peak, warmup=c.warmup, warmup_steps=warmup_steps if c.warmup != "none" else 0,
+                                    warmup_start=start, decay=c.decay, total_steps=total,
+                                    decay_every=self._steps(c.decay_steps, c.decay_epochs),
+                                    decay_gamma=c.decay_gamma, min_factor=c.min_lr_factor))
+            except ValueError as err:
+                raise ValueError(f"run {len(out)}: {err}") from None
         return out
 
     def _get_schedules(self, horizon: int | None = None) -> list[Schedule]:
