@@ -247,10 +247,15 @@ class MultiRun:
         view = lambda v: torch.tensor(v, dtype=torch.float32, device=device)   # noqa: E731
         self._momentum = view([c.momentum_value for c in configs])
         self._wd = view([c.weight_decay for c in configs])
+        self._uses_momentum = any(c.momentum_value > 0 for c in configs)
+        self._uses_decay = any(c.weight_decay > 0 for c in configs)
         self._lr = torch.zeros(R, device=device)
         self._nesterov = opt == "nesterov"
         self._adam = opt in ("adam", "adamw")
         self._state: list[dict] = [{} for _ in self._plist]
+        self._mom_views = self._views(self._momentum)
+        self._wd_views = self._views(self._wd)
+        self._neg_lr_views = None
         self._reads_memory = device.type != "cpu"
 
     # ------------------------------------------------------------------ small public surface
@@ -336,18 +341,27 @@ class MultiRun:
         """Outputs ``(R, N, ...)`` of the R runs on ``x`` (``(R, N, ...)``, or ``(N, ...)`` shared by all)."""
         R = self.runs
         if self._fast is not None:
+            # Activations travel transposed, (R, features, rows), between linear layers: then
+            # out^T = W h^T + b and autograd's weight gradient grad^T h comes out (R, out, in),
+            # contiguous like the weight, so the update's foreach kernels take their fast path.
             h = x.unsqueeze(0).expand(R, *x.shape) if shared_input else x
+            transposed = False
             for kind, name, module in self._fast:
                 if kind == "linear":
                     w, b = self.params[name + ".weight"], self.params.get(name + ".bias")
-                    flat = h.reshape(R, -1, h.shape[-1])                                # (R, rows, in)
-                    out = torch.bmm(flat, w.transpose(1, 2)) if b is None else \
-                        torch.baddbmm(b.unsqueeze(1), flat, w.transpose(1, 2))          # (R, rows, out)
-                    h = out.reshape(*h.shape[:-1], w.shape[1])
+                    if not transposed:
+                        lead = h.shape[:-1]                                             # (R, N, ...)
+                        h = h.reshape(R, -1, h.shape[-1]).transpose(1, 2)               # (R, in, rows)
+                        transposed = True
+                    h = torch.bmm(w, h) if b is None else torch.baddbmm(b.unsqueeze(2), w, h)   # (R, out, rows)
                 elif kind == "flatten":
+                    if transposed:
+                        h, transposed = h.transpose(1, 2).reshape(*lead, -1), False
                     h = h.flatten(2)
                 else:                                                                   # elementwise
                     h = module(h)
+            if transposed:
+                h = h.transpose(1, 2).reshape(*lead, h.shape[1])
             return h
         fn = lambda p, b, xi: functional_call(self._base, (p, b), (xi,))               # noqa: E731
         return vmap(fn, in_dims=(0, 0, None if shared_input else 0), randomness="different")(
@@ -368,6 +382,7 @@ class MultiRun:
         if lrs != self._lr_values:
             self._lr = torch.tensor(lrs, dtype=torch.float32, device=self.device) * self._active
             self._lr_values = lrs
+            self._neg_lr_views = self._views(-self._lr)
         with self._autocast:                                            # 3. forward, all runs at once
             out = self._forward(xb)
             losses = self._losses(out, yb).float()                      # (R,)
@@ -416,15 +431,12 @@ class MultiRun:
 
     def _update(self, grads: list[torch.Tensor]) -> None:
         """torch.optim's single-tensor SGD / Adam / AdamW formulas with per-run (R,) hyperparameters."""
-        params = self._plist
-        neg_lr = self._views(-self._lr)
-        wd = self._views(self._wd)
-        decay = bool((self._wd > 0).any())
+        params, neg_lr, wd, decay = self._plist, self._neg_lr_views, self._wd_views, self._uses_decay
         if not self._adam:
             if decay:                                                   # g <- g + wd * p
                 grads = torch._foreach_addcmul(grads, params, wd)
-            if bool((self._momentum > 0).any()):
-                mom = self._views(self._momentum)
+            if self._uses_momentum:
+                mom = self._mom_views
                 bufs = [s.get("momentum_buffer") for s in self._state]
                 if bufs[0] is None:                                     # torch: the first buffer is the gradient
                     bufs = [g.clone() for g in grads]
@@ -465,7 +477,8 @@ class MultiRun:
         self.status[r] = reason
         self._active[r] = 0.0
         self._lr[r] = 0.0
-        self._lr_values = None
+        self._lr_values = None                   # the next step rebuilds the lr tensor with this run at 0
+        self._neg_lr_views = self._views(-self._lr)   # and this step's update already leaves it alone
         self.histories[r].events.append({"step": self.step_count, "event": reason, "detail": detail})
         for name, buf in self.buffers.items():
             saved = self._frozen_buffers.setdefault(name, buf.detach().clone())
