@@ -494,13 +494,18 @@ class MultiRun:
         return [h.steps.last() if len(h.steps) > b else None for h, b in zip(self.histories, before)]
 
     # ------------------------------------------------------------------ fit
-    def fit(self, epochs: float | None = None, steps: int | None = None, until=None) -> list[History]:
+    def fit(self, epochs: float | None = None, steps: int | None = None, until=None,
+            on_step: Callable[["MultiRun", list], Any] | None = None) -> list[History]:
         """Train every run for ``epochs`` or ``steps`` more steps (or to ``until``); one History per run.
 
         ``until`` (as for ``Trainer.fit``: ``("eval_accuracy", 0.9)``, ``"loss<=0.5"``) freezes each
         run as it reaches the target while the others go on. A run that diverges is frozen at its
         last finite step and marked in ``status`` and its History's events; the fit goes on.
+        ``on_step(multirun, rows)`` is called after every step with each run's new row (None for a
+        frozen run); it may call ``stop_runs``. The fit ends early when no run is active.
         """
+        if on_step is not None and not callable(on_step):
+            raise TypeError(f"on_step must be callable, got {type(on_step).__name__}")
         given = [n for n, v in (("epochs", epochs), ("steps", steps)) if v is not None]
         if len(given) == 2:
             raise ValueError("give epochs or steps, not both")
@@ -538,6 +543,8 @@ class MultiRun:
             if due and can_eval and any(self.active):
                 self._record_evals(target)
                 last_eval = self.step_count
+            if on_step is not None:
+                on_step(self, rows)
         if can_eval and last_eval != self.step_count:
             self._record_evals(target, only_active=False, step=self.step_count)
         for r, h in enumerate(self.histories):

@@ -273,3 +273,76 @@ def test_cuda_runs_match_the_same_runs_on_the_cpu(problem, kind):
     gpu.fit(steps=20)
     for r in range(4):
         assert max_rel_diff(cpu.model(r), gpu.model(r).cpu()) < 1e-3
+
+
+# ---------------------------------------------------------------------- sweep(..., seeds=) as multi-runs
+@pytest.fixture(scope="module")
+def teacher():
+    from nbbatch import data
+
+    return data.teacher_student(n_train=1024, n_test=64, dim=8, num_classes=3, seed=0)
+
+
+def sweep_model():
+    return models.MLP(8, (16,), 3)
+
+
+def test_a_sweep_as_multi_runs_matches_the_sweep_by_trainer(teacher):
+    from nbbatch.diagnostics import sweep
+
+    common = dict(target=0.3, lrs=[0.1, 0.3], optimizer="momentum", max_steps=300, noise_scale=False, seeds=[0, 1])
+    one = sweep(sweep_model, teacher, [16, 64], multirun=True, **common)
+    ref = sweep(sweep_model, teacher, [16, 64], multirun=False, **common)
+    key = lambda r: (r["batch_size"], r["lr"], r["seed"], r["reached"], r["steps"], r["diverged"])  # noqa: E731
+    assert [key(r) for r in one.runs] == [key(r) for r in ref.runs]
+    for a, b in zip(one.runs, ref.runs):
+        assert [s for s, _ in a["curve"]] == [s for s, _ in b["curve"]]
+        assert [v for _, v in a["curve"]] == pytest.approx([v for _, v in b["curve"]], rel=1e-4)
+    assert [r["steps"] for r in one.best] == [r["steps"] for r in ref.best]
+
+
+def test_a_sweep_over_seeds_carries_the_spread(teacher):
+    from nbbatch.diagnostics import sweep
+
+    res = sweep(sweep_model, teacher, [16, 64, 256], target=0.3, lrs=[0.1, 0.3], optimizer="momentum",
+                max_steps=400, seeds=[0, 1, 2], noise_scale=True)
+    assert len(res.runs) == 3 * 2 * 3 and sorted({r["seed"] for r in res.runs}) == [0, 1, 2]
+    for row in res.best:
+        group = [r for r in res.runs if r["batch_size"] == row["batch_size"] and r["lr"] == row["lr"]]
+        steps = [r["steps"] for r in group]
+        assert row["seeds"] == 3 and row["seeds_reached"] == 3 and row["reached"]
+        assert row["steps"] == pytest.approx(sum(steps) / 3)
+        assert (row["steps_min"], row["steps_max"]) == (min(steps), max(steps))
+        assert row["b_simple"] > 0
+        # the chosen lr has the fewest mean steps among the lrs all seeds reached the target with
+        for lr_value in (0.1, 0.3):
+            other = [r["steps"] for r in res.runs if r["batch_size"] == row["batch_size"] and r["lr"] == lr_value]
+            if all(v is not None for v in other):
+                assert sum(other) / 3 >= row["steps"] - 1e-9
+    assert len(res.seed_fits) == 3 and all(f is not None for f in res.seed_fits)
+    lo, hi = res.b_crit_range
+    assert lo <= hi and lo == min(f.b_crit for f in res.seed_fits)
+    table = res.table()
+    assert {"steps_min", "steps_max", "seeds_reached"} <= set(table.columns)
+    fig = res.plot()
+    assert any(c.__class__.__name__ == "LineCollection" for c in fig.axes[0].collections)   # the error bars
+
+
+def test_a_sweep_checks_its_seeds_and_engine(teacher):
+    from nbbatch.diagnostics import sweep
+
+    ok = dict(target=0.5, lrs=[0.1])
+    with pytest.raises(ValueError, match="seeds must hold at least one int"):
+        sweep(sweep_model, teacher, [16], seeds=[], **ok)
+    with pytest.raises(ValueError, match="seeds holds duplicates"):
+        sweep(sweep_model, teacher, [16], seeds=[1, 1], **ok)
+    with pytest.raises(ValueError, match="not both"):
+        sweep(sweep_model, teacher, [16], seed=3, seeds=[1, 2], **ok)
+    with pytest.raises(ValueError, match="multirun must be"):
+        sweep(sweep_model, teacher, [16], multirun="yes", **ok)
+    with pytest.raises(ValueError, match="multirun=True: these options need Trainer"):
+        sweep(sweep_model, teacher, [16], multirun=True, accumulate=2, **ok)
+    # options MultiRun does not offer fall back to Trainer under "auto"
+    res = sweep(sweep_model, teacher, [16, 32], target=0.9, lrs=[0.1], optimizer="momentum", accumulate=2,
+                max_steps=50, noise_scale=False)
+    assert [r["reached"] for r in res.best] == [True, True]
