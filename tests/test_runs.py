@@ -346,3 +346,43 @@ def test_a_sweep_checks_its_seeds_and_engine(teacher):
     res = sweep(sweep_model, teacher, [16, 32], target=0.9, lrs=[0.1], optimizer="momentum", accumulate=2,
                 max_steps=50, noise_scale=False)
     assert [r["reached"] for r in res.best] == [True, True]
+
+
+# ---------------------------------------------------------------------- memory of R runs
+def multirun_step_bytes(mr) -> int:
+    """Bytes of one MultiRun step: stacked parameters, gradients, optimizer state, and the tensors
+    autograd saves for backward (each storage once, parameters excluded), counted independently of
+    nbbatch.memory's accounting."""
+    def key(t):
+        return t.untyped_storage().data_ptr()
+
+    params = {key(p): p.untyped_storage().nbytes() for p in mr.params.values()}
+    saved = {}
+
+    def pack(t):
+        if key(t) not in params:
+            saved[key(t)] = t.untyped_storage().nbytes()
+        return t
+
+    grads = []
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        xb, yb = mr._batch()
+        losses = mr._losses(mr._forward(xb), yb)
+    grads = torch.autograd.grad(losses.sum(), mr._plist)
+    state = sum(2 * p.untyped_storage().nbytes() for p in mr._plist)   # gradient + momentum buffer
+    assert sum(g.untyped_storage().nbytes() for g in grads) == state // 2
+    return sum(params.values()) + state + sum(saved.values())
+
+
+@pytest.mark.parametrize("runs, batch", [(4, 32), (8, 64), (16, 128)])
+def test_memory_predicts_the_bytes_of_r_runs(runs, batch):
+    from nbbatch.memory import measure
+
+    x, y = torch.randn(512, 40), torch.randint(0, 10, (512,))
+    line = measure(models.MLP(), (x, y), [32, 64, 128], optimizer="momentum", steps=0).fit()
+    mr = MultiRun(models.MLP, (x, y), runs=runs, batch_size=batch, optimizer="momentum", device="cpu")
+    measured = multirun_step_bytes(mr)
+    assert line.predict_runs(batch, runs) == pytest.approx(measured, rel=1e-3)
+    assert line.max_runs(line.predict_runs(batch, runs), batch) == runs
+    with pytest.raises(ValueError, match="runs must be a positive int"):
+        line.predict_runs(batch, 0)
