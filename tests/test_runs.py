@@ -386,3 +386,25 @@ def test_memory_predicts_the_bytes_of_r_runs(runs, batch):
     assert line.max_runs(line.predict_runs(batch, runs), batch) == runs
     with pytest.raises(ValueError, match="runs must be a positive int"):
         line.predict_runs(batch, 0)
+
+
+def test_on_step_sees_each_runs_row_and_may_stop_runs(problem):
+    data, _ = problem
+    mr = MultiRun(FACTORIES["mlp"], data, seed=[0, 1, 2], lr=0.05, device="cpu")
+    seen = []
+
+    def on_step(m, rows):
+        seen.append([None if row is None else row["step"] for row in rows])
+        if m.step_count == 3:
+            m.stop_runs([1])
+        if m.step_count == 5:
+            m.stop_runs([0, 2])
+
+    mr.fit(steps=50, on_step=on_step)
+    assert mr.step_count == 5 and mr.status == ["stopped"] * 3
+    assert seen == [[1, 1, 1], [2, 2, 2], [3, 3, 3], [4, None, 4], [5, None, 5]]
+    assert [len(h.steps) for h in mr.histories] == [5, 3, 5]
+    with pytest.raises(TypeError, match="on_step must be callable"):
+        mr.fit(steps=1, on_step=3)
+    with pytest.raises(ValueError, match="runs: 7 is not a run index"):
+        mr.stop_runs([7])
