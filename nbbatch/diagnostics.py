@@ -843,7 +843,7 @@ def sweep(model_fn: Callable[[], nn.Module], data, batch_sizes: Sequence[int], *
             def check(m, rows, mine=mine, checks=checks[b]):
                 if m.step_count not in checks:
                     return
-                values = m.evaluate(eval_xy)
+                values = m.evaluate(eval_xy, runs=[r for r, row in enumerate(rows) if row is not None])
                 hit = [r for r, row in enumerate(rows) if row is not None and record(
                     mine[r], m.step_count, m.examples_seen[r], values[r][target.metric],
                     lambda r=r: {k: v.detach().clone() for k, v in m.model(r).state_dict().items()})]

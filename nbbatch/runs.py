@@ -241,21 +241,21 @@ class MultiRun:
         self._horizon: int | None = None
         self._schedules: list[Schedule] | None = None
         self._lr_values: list[float] | None = None
-        self._active = torch.ones(R, device=device)
-        self._frozen_buffers: dict[str, torch.Tensor] = {}
+        # The stacked tensors hold the live runs only, in the order of ``_live``; a run that stops or
+        # diverges leaves the stack (its weights kept in ``_frozen``), so it costs nothing afterwards.
+        self._live = list(range(R))
+        self._frozen: dict[int, dict[str, torch.Tensor]] = {}
         opt = cfg.optimizer
-        view = lambda v: torch.tensor(v, dtype=torch.float32, device=device)   # noqa: E731
-        self._momentum = view([c.momentum_value for c in configs])
-        self._wd = view([c.weight_decay for c in configs])
-        self._uses_momentum = any(c.momentum_value > 0 for c in configs)
-        self._uses_decay = any(c.weight_decay > 0 for c in configs)
-        self._lr = torch.zeros(R, device=device)
+        self._momentum_all = [c.momentum_value for c in configs]
+        self._wd_all = [c.weight_decay for c in configs]
+        self._uses_momentum = any(m > 0 for m in self._momentum_all)
+        self._uses_decay = any(w > 0 for w in self._wd_all)
         self._nesterov = opt == "nesterov"
         self._adam = opt in ("adam", "adamw")
         self._state: list[dict] = [{} for _ in self._plist]
-        self._mom_views = self._views(self._momentum)
-        self._wd_views = self._views(self._wd)
+        self._lr = torch.zeros(R, device=device)
         self._neg_lr_views = None
+        self._live_hyperparameters()
         self._reads_memory = device.type != "cpu"
 
     # ------------------------------------------------------------------ small public surface
@@ -274,7 +274,11 @@ class MultiRun:
         if isinstance(run, bool) or not isinstance(run, int) or not 0 <= run < self.runs:
             raise ValueError(f"run must be an int in [0, {self.runs - 1}], got {run!r}")
         m = copy.deepcopy(self._base).to_empty(device=self.device)
-        state = {k: v[run].detach().clone() for k, v in {**self.params, **self.buffers}.items()}
+        if run in self._frozen:
+            state = {k: v.clone() for k, v in self._frozen[run].items()}
+        else:
+            i = self._live.index(run)
+            state = {k: v[i].detach().clone() for k, v in {**self.params, **self.buffers}.items()}
         m.load_state_dict(state)
         return m
 
@@ -289,6 +293,7 @@ class MultiRun:
         for r in runs:
             if self.status[r] == "active":
                 self._freeze(r, reason, "")
+        self._compact()
 
     @property
     def lrs(self) -> list[float]:
@@ -329,17 +334,17 @@ class MultiRun:
     # ------------------------------------------------------------------ the vectorised step
     def _batch(self):
         """Each run's next batch: inputs ``(R, B, ...)`` and targets ``(R, B, ...)``, by run's own permutation."""
-        if self._perm_epoch != self.epoch:
-            perms = torch.stack([epoch_permutation(self.n, s, self.epoch) for s in self.seeds])   # (R, n)
+        if self._perm_epoch != (self.epoch, len(self._live)):
+            perms = torch.stack([epoch_permutation(self.n, self.seeds[r], self.epoch) for r in self._live])  # (A, n)
             self._perms = perms.to(self.device)
-            self._perm_epoch = self.epoch
+            self._perm_epoch = (self.epoch, len(self._live))
         B, i = self.config.batch_size, self.batch_in_epoch
         idx = self._perms[:, i * B:(i + 1) * B]                                       # (R, b)
         return self.x[idx], self.y[idx]
 
     def _forward(self, x: torch.Tensor, shared_input: bool = False) -> torch.Tensor:
-        """Outputs ``(R, N, ...)`` of the R runs on ``x`` (``(R, N, ...)``, or ``(N, ...)`` shared by all)."""
-        R = self.runs
+        """Outputs ``(A, N, ...)`` of the A live runs on ``x`` (``(A, N, ...)``, or ``(N, ...)`` shared by all)."""
+        R = len(self._live)
         if self._fast is not None:
             # Activations travel transposed, (R, features, rows), between linear layers: then
             # out^T = W h^T + b and autograd's weight gradient grad^T h comes out (R, out, in),
@@ -376,37 +381,33 @@ class MultiRun:
 
     def _train_step(self) -> None:
         t0 = time.perf_counter()
-        R, step = self.runs, self.step_count
-        xb, yb = self._batch()                                          # 1. each run's batch
-        lrs = [s(step) for s in self._schedules]                         # 2. each run's scheduled lr
+        live, step = list(self._live), self.step_count
+        A = len(live)
+        xb, yb = self._batch()                                          # 1. each live run's batch
+        lrs = [self._schedules[r](step) for r in live]                   # 2. each run's scheduled lr
         if lrs != self._lr_values:
-            self._lr = torch.tensor(lrs, dtype=torch.float32, device=self.device) * self._active
+            self._lr = torch.tensor(lrs, dtype=torch.float32, device=self.device)
             self._lr_values = lrs
             self._neg_lr_views = self._views(-self._lr)
         with self._autocast:                                            # 3. forward, all runs at once
             out = self._forward(xb)
-            losses = self._losses(out, yb).float()                      # (R,)
+            losses = self._losses(out, yb).float()                      # (A,)
         # 4. backward: the runs share nothing, so d(sum of losses)/d(run r's weights) is run r's gradient
         grads = list(torch.autograd.grad(losses.sum(), self._plist))
         # 5. a non-finite loss or gradient freezes that run (a gradient's per-run sum is non-finite when
         #    any of its entries is); one device sync for the losses and the flags together
-        check = losses.detach() + torch.stack([g.reshape(R, -1).sum(1) for g in grads]).sum(0) * 0.0
+        check = losses.detach() + torch.stack([g.reshape(A, -1).sum(1) for g in grads]).sum(0) * 0.0
         values = torch.cat([losses.detach(), check]).tolist()
-        loss_values, finite = values[:R], [math.isfinite(v) for v in values[R:]]
-        for r in range(R):
-            if self.status[r] == "active" and not finite[r]:
-                what = "loss" if not math.isfinite(loss_values[r]) else "gradient"
-                self._freeze(r, "diverged", f"non-finite {what} (loss={loss_values[r]}) at lr={lrs[r]:.4g}")
-        if not all(s == "active" for s in self.status):
-            mask = self._active.bool()
-            grads = [torch.where(mask.view((R,) + (1,) * (g.dim() - 1)), g, torch.zeros((), device=g.device,
-                                 dtype=g.dtype)) for g in grads]
-            for name, saved in self._frozen_buffers.items():           # frozen runs keep their statistics
-                buf = self.buffers[name]
-                keep = mask.view((R,) + (1,) * (buf.dim() - 1))
-                buf.copy_(torch.where(keep, buf, saved))
-        with torch.no_grad():                                           # 6. the update, in place
-            self._update(grads)
+        loss_values, finite = values[:A], [math.isfinite(v) for v in values[A:]]
+        for i, r in enumerate(live):
+            if not finite[i]:
+                what = "loss" if not math.isfinite(loss_values[i]) else "gradient"
+                self._freeze(r, "diverged", f"non-finite {what} (loss={loss_values[i]}) at lr={lrs[i]:.4g}")
+        if not all(finite):
+            grads = self._compact(grads)                                # the diverged runs leave before the update
+        if self._live:
+            with torch.no_grad():                                       # 6. the update, in place
+                self._update(grads)
         dt = time.perf_counter() - t0
         self.step_count += 1                                            # 7. record
         self.train_time += dt
@@ -417,17 +418,42 @@ class MultiRun:
             self.epoch += 1
             self.batch_in_epoch = 0
         memory = peak_memory_bytes(self.device) if self._reads_memory else None
-        for r in range(R):
-            if self.status[r] != "active":
+        for i, r in enumerate(live):
+            if not finite[i]:
                 continue
             self.examples_seen[r] += n
             self.histories[r].steps.append({
                 "step": self.step_count, "epoch": epoch_progress, "examples": self.examples_seen[r],
-                "loss": loss_values[r], "lr": lrs[r], "batch_size": n, "time": self.train_time,
+                "loss": loss_values[i], "lr": lrs[i], "batch_size": n, "time": self.train_time,
                 "examples_per_s": n / dt if dt > 0 else float("inf"), "peak_memory": memory})
 
+    def _live_hyperparameters(self) -> None:
+        """The (A,) hyperparameter tensors of the live runs and their broadcast views."""
+        tensor = lambda v: torch.tensor(v, dtype=torch.float32, device=self.device)   # noqa: E731
+        self._momentum = tensor([self._momentum_all[r] for r in self._live])
+        self._wd = tensor([self._wd_all[r] for r in self._live])
+        self._mom_views = self._views(self._momentum)
+        self._wd_views = self._views(self._wd)
+
+    def _compact(self, grads: list[torch.Tensor] | None = None):
+        """Drop the runs that are no longer active from the stacked tensors (and from ``grads``)."""
+        keep = [i for i, r in enumerate(self._live) if self.status[r] == "active"]
+        if len(keep) == len(self._live):
+            return grads
+        idx = torch.tensor(keep, dtype=torch.long, device=self.device)
+        self._live = [self._live[i] for i in keep]
+        self.params = {k: v.detach()[idx].requires_grad_(v.requires_grad) for k, v in self.params.items()}
+        self.buffers = {k: v[idx] for k, v in self.buffers.items()}
+        self._plist = [p for p in self.params.values() if p.requires_grad]
+        self._state = [{k: v[idx] for k, v in st.items()} for st in self._state]
+        self._lr = self._lr[idx]
+        self._lr_values = None
+        self._neg_lr_views = self._views(-self._lr)
+        self._live_hyperparameters()
+        return None if grads is None else [g[idx] for g in grads]
+
     def _views(self, v: torch.Tensor):
-        return [v.view((self.runs,) + (1,) * (p.dim() - 1)) for p in self._plist]
+        return [v.view((len(self._live),) + (1,) * (p.dim() - 1)) for p in self._plist]
 
     def _update(self, grads: list[torch.Tensor]) -> None:
         """torch.optim's single-tensor SGD / Adam / AdamW formulas with per-run (R,) hyperparameters."""
@@ -474,15 +500,11 @@ class MultiRun:
         torch._foreach_add_(params, step)
 
     def _freeze(self, r: int, reason: str, detail: str) -> None:
+        """Mark run ``r`` as no longer active and keep its weights; ``_compact`` then drops it from the stack."""
         self.status[r] = reason
-        self._active[r] = 0.0
-        self._lr[r] = 0.0
-        self._lr_values = None                   # the next step rebuilds the lr tensor with this run at 0
-        self._neg_lr_views = self._views(-self._lr)   # and this step's update already leaves it alone
         self.histories[r].events.append({"step": self.step_count, "event": reason, "detail": detail})
-        for name, buf in self.buffers.items():
-            saved = self._frozen_buffers.setdefault(name, buf.detach().clone())
-            saved[r] = buf[r]
+        i = self._live.index(r)
+        self._frozen[r] = {k: v[i].detach().clone() for k, v in {**self.params, **self.buffers}.items()}
 
     def step(self) -> list[dict | None]:
         """One vectorised step of every active run; each run's new history row (None: frozen)."""
@@ -560,13 +582,14 @@ class MultiRun:
     def _reach(self, runs):
         for r in runs:
             self._freeze(r, "target", "")
+        self._compact()
 
     def _record_evals(self, target, only_active=True, step=None):
-        results = self.evaluate()
+        results = self.evaluate(runs=[r for r in range(self.runs) if not only_active or self.status[r] == "active"])
         hit = []
         for r, ev in enumerate(results):
             h = self.histories[r]
-            if only_active and self.status[r] != "active":
+            if ev is None:
                 continue
             if not only_active and len(h.evals) and h.evals["step"][-1] == len(h.steps):
                 continue   # this run's last evaluation is already at its last step
@@ -581,8 +604,14 @@ class MultiRun:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self, data=None) -> list[dict[str, float]]:
-        """Each run's loss and metrics on ``data`` (default the evaluation set; ``"train"``, or ``(x, y)``)."""
+    def evaluate(self, data=None, runs: Sequence[int] | None = None) -> list[dict[str, float] | None]:
+        """Each run's loss and metrics on ``data`` (default the evaluation set; ``"train"``, or ``(x, y)``).
+
+        ``runs`` limits the evaluation to those run indices (the others' entries are None).
+        """
+        wanted = set(range(self.runs)) if runs is None else set(runs)
+        if not wanted <= set(range(self.runs)):
+            raise ValueError(f"runs: {sorted(wanted - set(range(self.runs)))} are not run indices in [0, {self.runs - 1}]")
         if data is None or (isinstance(data, str) and data == "eval"):
             if self._eval_data is None:
                 raise ValueError("evaluate: there is no evaluation data; pass eval_data= or evaluate(data=(x, y))")
@@ -600,25 +629,38 @@ class MultiRun:
             x, y = xy[0].to(self.device), xy[1].to(self.device)
         if len(x) == 0:
             raise ValueError("evaluate: the evaluation data is empty")
-        self._base.eval()
-        try:
-            bs = self.config.eval_batch_size
-            totals = None
-            for i in range(0, len(x), bs):
-                xb, yb = x[i:i + bs], y[i:i + bs]
-                with self._autocast:
-                    out = self._forward(xb, shared_input=True)                       # (R, n, ...)
-                    rows = []
-                    for r in range(self.runs):     # loss and metrics are any callables: run by run
-                        vals = [self.loss_fn(out[r], yb)] + [fn(out[r], yb) for fn in self.metrics.values()]
-                        rows.append(torch.stack([torch.as_tensor(v, device=self.device).float() for v in vals]))
-                block = torch.stack(rows) * len(xb)                                     # (R, 1 + metrics)
-                totals = block if totals is None else totals + block
-            means = (totals / len(x)).tolist()
-        finally:
-            self._base.train()
         names = ["loss", *self.metrics]
-        return [dict(zip(names, row)) for row in means]
+        bs = self.config.eval_batch_size
+        results: list = [None] * self.runs
+
+        def row(out, yb):   # loss and metrics are any callables: run by run
+            vals = [self.loss_fn(out, yb)] + [fn(out, yb) for fn in self.metrics.values()]
+            return torch.stack([torch.as_tensor(v, device=self.device).float() for v in vals]) * len(yb)
+
+        if wanted & set(self._live):
+            self._base.eval()
+            try:
+                totals = None
+                for i in range(0, len(x), bs):
+                    xb, yb = x[i:i + bs], y[i:i + bs]
+                    with self._autocast:
+                        out = self._forward(xb, shared_input=True)                   # (A, n, ...)
+                        block = torch.stack([row(o, yb) for o in out])               # (A, 1 + metrics)
+                    totals = block if totals is None else totals + block
+            finally:
+                self._base.train()
+            for r, means in zip(self._live, (totals / len(x)).tolist()):
+                if r in wanted:
+                    results[r] = dict(zip(names, means))
+        for r in sorted(wanted & set(self._frozen)):   # runs that left the stack: one by one, as a Trainer evaluates
+            m = self.model(r).eval()
+            total = None
+            for i in range(0, len(x), bs):
+                with self._autocast:
+                    part = row(m(x[i:i + bs]), y[i:i + bs])
+                total = part if total is None else total + part
+            results[r] = dict(zip(names, (total / len(x)).tolist()))
+        return results
 
     # ------------------------------------------------------------------ tables
     def hyperparameters(self) -> list[dict]:
