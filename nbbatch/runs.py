@@ -184,25 +184,28 @@ class MultiRun:
             if isinstance(cfg.loss, str) else cfg.loss
         metrics = dict(cfg.metrics) if cfg.metrics is not None else (
             {"accuracy": accuracy} if cfg.loss == "cross_entropy" else {})
-        if factory is not None:
-            # Building the models draws from the global generator; the Trainer does the same
-            # (the caller seeds, builds, and the Trainer seeds again), so nothing is lost here.
-            models = []
-            for r, c in enumerate(configs):
-                if c.seed is not None:
-                    torch.manual_seed(c.seed)
-                m = factory()
-                if not isinstance(m, nn.Module):
-                    raise TypeError(f"model: the factory returned {type(m).__name__}, not a torch.nn.Module")
-                models.append(m)
-        else:
-            models = [copy.deepcopy(m) for m in models]
-        _check_same_architecture(models)
-        if not any(p.requires_grad for p in models[0].parameters()):
-            raise ValueError("model has no parameters to train")
-        base = copy.deepcopy(models[0]).to("meta")
-        fast = _sequential_plan(base)
-        _probe(base, models, loss_fn, cfg.loss, x[:2], y[:2], y)
+        rng = torch.get_rng_state()   # building from a factory seeds the global generator: undone on an error
+        try:
+            if factory is not None:
+                models = []
+                for c in configs:
+                    if c.seed is not None:
+                        torch.manual_seed(c.seed)
+                    m = factory()
+                    if not isinstance(m, nn.Module):
+                        raise TypeError(f"model: the factory returned {type(m).__name__}, not a torch.nn.Module")
+                    models.append(m)
+            else:
+                models = [copy.deepcopy(m) for m in models]
+            _check_same_architecture(models)
+            if not any(p.requires_grad for p in models[0].parameters()):
+                raise ValueError("model has no parameters to train")
+            base = copy.deepcopy(models[0]).to("meta")
+            fast = _sequential_plan(base)
+            _probe(base, models, loss_fn, cfg.loss, x[:2], y[:2], y)
+        except BaseException:
+            torch.set_rng_state(rng)
+            raise
 
         # ---- build --------------------------------------------------------------------------
         self.runs = R

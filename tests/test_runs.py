@@ -240,8 +240,10 @@ class ReadsAValue(nn.Module):
 def test_a_layer_that_cannot_be_vectorised_is_named(problem):
     data, _ = problem
     factory = lambda: nn.Sequential(nn.Linear(16, 8), nn.Sequential(nn.ReLU(), ReadsAValue()), nn.Linear(8, 3))  # noqa: E731
+    rng = torch.get_rng_state()
     with pytest.raises(ValueError, match=r"layer '1\.1' \(ReadsAValue\) cannot be vectorised"):
-        MultiRun(factory, data, runs=2)
+        MultiRun(factory, data, seed=[3, 4])
+    assert torch.equal(rng, torch.get_rng_state())   # the factory's seeding is undone
 
 
 def test_fit_and_step_check_their_arguments(problem):
