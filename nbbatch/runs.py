@@ -352,11 +352,20 @@ class MultiRun:
             # Activations travel transposed, (R, features, rows), between linear layers: then
             # out^T = W h^T + b and autograd's weight gradient grad^T h comes out (R, out, in),
             # contiguous like the weight, so the update's foreach kernels take their fast path.
-            h = x.unsqueeze(0).expand(R, *x.shape) if shared_input else x
-            transposed = False
+            # A shared input (evaluation) stays unbatched until the first linear layer, which then
+            # runs as one matrix product of all runs' stacked weights: (R*out, in) @ (in, rows).
+            h, shared, transposed = x, shared_input, False
             for kind, name, module in self._fast:
                 if kind == "linear":
                     w, b = self.params[name + ".weight"], self.params.get(name + ".bias")
+                    if shared:
+                        lead = (R,) + h.shape[:-1]                                      # (R, N, ...)
+                        flat = h.reshape(-1, h.shape[-1]).T                             # (in, rows)
+                        h = (w.reshape(-1, w.shape[2]) @ flat).view(R, w.shape[1], -1)  # (R, out, rows)
+                        if b is not None:
+                            h = h + b.unsqueeze(2)
+                        shared, transposed = False, True
+                        continue
                     if not transposed:
                         lead = h.shape[:-1]                                             # (R, N, ...)
                         h = h.reshape(R, -1, h.shape[-1]).transpose(1, 2)               # (R, in, rows)
@@ -365,11 +374,13 @@ class MultiRun:
                 elif kind == "flatten":
                     if transposed:
                         h, transposed = h.transpose(1, 2).reshape(*lead, -1), False
-                    h = h.flatten(2)
+                    h = h.flatten(1 if shared else 2)
                 else:                                                                   # elementwise
                     h = module(h)
-            if transposed:
-                h = h.transpose(1, 2).reshape(*lead, h.shape[1])
+            if shared:   # no linear layer: every run's output is the same function of x
+                return h.unsqueeze(0).expand(R, *h.shape)
+            if transposed:   # back to (R, N, ..., out), contiguous for the loss's row-wise kernels
+                h = h.transpose(1, 2).contiguous().view(*lead, h.shape[1])
             return h
         fn = lambda p, b, xi: functional_call(self._base, (p, b), (xi,))               # noqa: E731
         return vmap(fn, in_dims=(0, 0, None if shared_input else 0), randomness="different")(
@@ -633,7 +644,8 @@ class MultiRun:
         if len(x) == 0:
             raise ValueError("evaluate: the evaluation data is empty")
         names = ["loss", *self.metrics]
-        bs = self.config.eval_batch_size
+        # eval_batch_size bounds the rows in flight across all live runs, as it bounds one Trainer's
+        bs = max(1, self.config.eval_batch_size // max(1, len(wanted & set(self._live))))
         results: list = [None] * self.runs
 
         def row(out, yb):   # loss and metrics are any callables: run by run
