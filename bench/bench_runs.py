@@ -128,19 +128,24 @@ def describe(values):
             f"(min {min(values):.4f}, max {max(values):.4f})")
 
 
-def sweep_times(d, seeds_too=True):
+def sweep_times(d, repeats=1, seeds_too=True):
+    """Notebook 02's sweep by Trainer (before) and as MultiRuns (after), alternating, ``repeats`` times each."""
     common = dict(target=1.0, lr=0.05, scale_rule="sqrt", lr_factors=(0.5, 1, 2), optimizer="momentum",
                   max_steps=1500, max_examples=150_000, device="cpu")
     sizes = [32, 64, 128, 256, 512, 1024, 2048]
-    out = {}
-    for name, kw in (("trainer (before)", dict(multirun=False, seed=0)), ("multirun (after)", dict(multirun=True, seed=0))):
-        t0 = time.perf_counter()
-        res = sweep(models.MLP, d, sizes, **kw, **common)
-        out[name] = (time.perf_counter() - t0, res)
+    kinds = {"trainer (before)": dict(multirun=False, seed=0), "multirun (after)": dict(multirun=True, seed=0)}
+    times = {name: [] for name in kinds}
+    results = {}
+    for rep in range(repeats):
+        for name in (list(kinds) if rep % 2 == 0 else list(kinds)[::-1]):
+            t0 = time.perf_counter()
+            results[name] = sweep(models.MLP, d, sizes, **kinds[name], **common)
+            times[name].append(time.perf_counter() - t0)
+    out = {name: (times[name], results[name]) for name in kinds}
     if seeds_too:
         t0 = time.perf_counter()
         res = sweep(models.MLP, d, sizes, multirun=True, seeds=[0, 1, 2], **common)
-        out["multirun, seeds=[0, 1, 2]"] = (time.perf_counter() - t0, res)
+        out["multirun, seeds=[0, 1, 2]"] = ([time.perf_counter() - t0], res)
     return out
 
 
@@ -154,6 +159,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--epochs", type=float, default=5)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--sweep-repeats", type=int, default=2)
     p.add_argument("--quick", action="store_true")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -190,16 +196,16 @@ def main(argv=None):
                   f"max |difference| per seed {max(abs(x - z) for x, z in zip(multi, alone)):.2e}", flush=True)
     if a.part in ("all", "sweep") and not a.quick:
         print("\nsweep like notebook 02's (7 batch sizes x 3 lrs, momentum, target loss 1.0, B_simple measured):")
-        out = sweep_times(d)
-        base = out["trainer (before)"][0]
+        out = sweep_times(d, a.sweep_repeats)
+        base = statistics.median(out["trainer (before)"][0])
         for name, (secs, res) in out.items():
-            steps = [r["steps"] for r in res.best]
+            steps = [round(r["steps"], 1) for r in res.best]
             spread = "" if "seeds" not in name else " min-max " + ", ".join(
                 f"{r['steps_min']}-{r['steps_max']}" for r in res.best)
             extra = "" if res.b_crit_range is None else f", B_crit over seeds {res.b_crit_range[0]:.0f}-{res.b_crit_range[1]:.0f}"
-            print(f"  {name}: {secs:.1f} s ({base / secs:.2f}x), steps {steps}{spread}, "
-                  f"B_crit {res.b_crit:.0f}{extra}", flush=True)
-
+            each = ", ".join(f"{v:.1f}" for v in secs)
+            print(f"  {name}: median {statistics.median(secs):.1f} s ({each}; {base / statistics.median(secs):.2f}x), "
+                  f"steps {steps}{spread}, B_crit {res.b_crit:.0f}{extra}", flush=True)
 
 if __name__ == "__main__":
     main()
