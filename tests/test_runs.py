@@ -412,3 +412,24 @@ def test_on_step_sees_each_runs_row_and_may_stop_runs(problem):
         mr.fit(steps=1, on_step=3)
     with pytest.raises(ValueError, match="runs: 7 is not a run index"):
         mr.stop_runs([7])
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_bf16_runs_follow_the_fp32_runs(problem, kind):
+    data, _ = problem
+    options = dict(seed=[0, 1], lr=0.05, optimizer="momentum", batch_size=32, device="cpu")
+    full = MultiRun(FACTORIES[kind], data, precision="fp32", **options)
+    half = MultiRun(FACTORIES[kind], data, precision="bf16", **options)
+    full.fit(steps=10)
+    half.fit(steps=10)
+    for a, b in zip(full.histories, half.histories):
+        assert b.steps["loss"] == pytest.approx(a.steps["loss"], rel=0.05)
+    assert all(p.dtype == torch.float32 for p in half.params.values())   # autocast: the weights stay fp32
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_fp16_is_refused_with_a_reason(problem):
+    data, _ = problem
+    with pytest.raises(ValueError, match="precision='fp16' needs a loss scaler per run"):
+        MultiRun(FACTORIES["mlp"], data, runs=2, precision="fp16", device="cuda")
