@@ -525,9 +525,7 @@ class MultiRun:
         if not any(self.active):
             raise RuntimeError("every run has stopped or diverged: there is nothing to step")
         self._get_schedules(self._horizon)
-        before = [len(h.steps) for h in self.histories]
-        self._train_step()
-        return [h.steps.last() if len(h.steps) > b else None for h, b in zip(self.histories, before)]
+        return self._train_step_rows()
 
     # ------------------------------------------------------------------ fit
     def fit(self, epochs: float | None = None, steps: int | None = None, until=None,
