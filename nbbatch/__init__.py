@@ -3,12 +3,13 @@
 Importing nbbatch does no work: no device probing, no data loading, no printing.
 """
 
-from . import data, diagnostics, geometry, memory, models, norms, optim, schedules
+from . import data, diagnostics, geometry, memory, models, norms, optim, runs, schedules
 from .config import TrainConfig
 from .device import resolve_device, seed_everything
 from .distributed import Distributed, launch
 from .history import History
 from .optim import LAMB, LARS
+from .runs import MultiRun
 from .schedules import Schedule, scale_lr
 from .trainer import DivergenceError, Target, Trainer, accuracy
 
@@ -53,4 +54,6 @@ __all__ = [
     "schedules",
     "seed_everything",
     "__version__",
+    "MultiRun",
+    "runs",
 ]

@@ -586,13 +586,18 @@ class SweepResult:
 
     Attributes:
         target: the ``Target`` (metric, value, mode).
-        runs: one dict per (batch size, lr) run: ``batch_size, lr, reached, steps, examples,
+        runs: one dict per (batch size, lr, seed) run: ``batch_size, lr, seed, reached, steps, examples,
             best, final, diverged, curve, budget`` (``curve``: ``[(step, value), ...]`` at the checks).
-        best: one dict per batch size, for its best lr (fewest steps among runs that reached the
-            target, else the best value seen): ``batch_size, lr, reached, steps, examples, best,
-            b_simple`` (the exact noise scale at the weights where the target was reached).
-        fit: ``CriticalBatchFit`` over the batch sizes that reached the target (None: fewer than 2).
+        best: one dict per batch size, for its best lr (see ``sweep``): ``batch_size, lr, reached,
+            steps, examples, best, b_simple`` (the exact noise scale at the weights where the first
+            seed's run reached the target), and the spread over seeds: ``seeds`` (how many),
+            ``seeds_reached``, ``steps_min``, ``steps_max`` (``steps`` is the mean over the seeds that
+            reached the target; with one seed all three are that run's steps).
+        fit: ``CriticalBatchFit`` of the mean steps over the batch sizes that reached the target
+            (None: fewer than 2).
         max_steps: the step budget of each run (``budget`` in the rows: with ``max_examples``).
+        seed_fits: one ``CriticalBatchFit`` per seed (that seed's steps at each batch size's best lr),
+            None where that seed has fewer than 2 batch sizes that reached the target.
     """
 
     target: Any
@@ -600,10 +605,17 @@ class SweepResult:
     best: list
     fit: CriticalBatchFit | None
     max_steps: int
+    seed_fits: list = field(default_factory=list)
 
     @property
     def b_crit(self) -> float | None:
         return None if self.fit is None else self.fit.b_crit
+
+    @property
+    def b_crit_range(self) -> tuple[float, float] | None:
+        """``(min, max)`` of ``B_crit`` over the per-seed fits (None: fewer than 2 seeds with a fit)."""
+        values = [f.b_crit for f in self.seed_fits if f is not None]
+        return (min(values), max(values)) if len(values) >= 2 else None
 
     @property
     def b_simple(self) -> float | None:
@@ -631,8 +643,13 @@ class SweepResult:
         miss = [r for r in self.best if not r["reached"]]
         bs = [r["batch_size"] for r in self.best]
         lo, hi = min(bs) / 1.5, max(bs) * 1.5
+        spread = any(r.get("seeds", 1) > 1 for r in hit)
         ax_b.loglog([r["batch_size"] for r in hit], [r["steps"] for r in hit], "o", color="C0",
-                    label="measured (best lr)", zorder=3)
+                    label="measured (best lr" + (", mean and min-max over seeds)" if spread else ")"), zorder=3)
+        if spread:
+            ax_b.errorbar([r["batch_size"] for r in hit], [r["steps"] for r in hit],
+                          yerr=[[r["steps"] - r["steps_min"] for r in hit], [r["steps_max"] - r["steps"] for r in hit]],
+                          fmt="none", ecolor="C0", capsize=3, zorder=3)
         if miss:
             ax_b.loglog([r["batch_size"] for r in miss], [r["budget"] for r in miss], "x", color="C3",
                         label="not reached within the budget", zorder=3)
@@ -655,6 +672,10 @@ class SweepResult:
             ax_b.axhline(fit.s_min, color="k", ls=":", lw=0.8)
             ax_b.loglog(grid, fit.e_min / grid, "--", color="0.5", lw=0.8, label="E_min/B (perfect scaling)")
             ax_b.axvline(bc, color="k", ls="-.", lw=0.8, label=f"B_crit = {bc:.0f}")
+            if self.b_crit_range is not None:
+                lo_c, hi_c = self.b_crit_range
+                ax_b.axvspan(lo_c, hi_c, color="k", alpha=0.08, lw=0,
+                             label=f"B_crit over seeds: {lo_c:.0f}-{hi_c:.0f}")
             ax_b.set_ylim(fit.s_min / 2, None)
             ax_e.loglog(fit.predict_examples(grid), fit.predict_steps(grid), "-", color="k", lw=1,
                         label="(S/S_min - 1)(E/E_min - 1) = 1")
@@ -698,6 +719,7 @@ def sweep(model_fn: Callable[[], nn.Module], data, batch_sizes: Sequence[int], *
           lrs: Sequence[float] | None = None, lr: float | None = None, scale_rule: str = "linear",
           base_batch_size: int | None = None, lr_factors: Sequence[float] = (1.0,), max_steps: int = 1000,
           max_examples: int | None = None, eval_data=None, check_growth: float = 1.05, noise_scale: bool = True, seed: int = 0,
+          seeds: Sequence[int] | None = None, multirun: bool | str = "auto",
           progress: Callable[[dict], Any] | None = None, **train_options) -> SweepResult:
     """Steps (and examples) to reach a target at each batch size, with the best learning rate for each.
 
@@ -711,6 +733,17 @@ def sweep(model_fn: Callable[[], nn.Module], data, batch_sizes: Sequence[int], *
     batch sizes that reached it (``fit_critical_batch``), and with ``noise_scale=True`` the exact
     ``B_simple`` (``gradient_noise_scale``, at most 4096 training examples) is measured at the
     weights where each best run reached the target.
+
+    Seeds: with ``seeds=[0, 1, 2]`` every (batch size, lr) is trained once per seed (initial weights
+    ``torch.manual_seed(s); model_fn()`` and data order). The best lr of a batch size is then the one
+    whose seeds all reached the target in the fewest steps on average (else the one most seeds
+    reached); its row carries the mean steps and their min-max over seeds, the figure shows them as
+    error bars, and ``B_crit`` is fitted to the mean steps and once per seed (``b_crit_range``).
+
+    Each batch size's runs (every lr and seed) train together as one ``nbbatch.runs.MultiRun``
+    (``multirun="auto"``, where the options allow it: an optimizer of ``MULTIRUN_OPTIMIZERS``, no
+    accumulation, clipping or gradient noise); ``multirun=False`` trains them one after another with
+    ``Trainer`` (the same runs, to float rounding), ``True`` insists on MultiRun.
 
     Learning rates: ``lrs`` is a grid tried at every batch size; or ``lr`` is scaled to each batch
     size with ``scale_rule`` ("linear", "sqrt" or "none"; ``nbbatch.schedules.scale_lr``) from
@@ -731,6 +764,8 @@ def sweep(model_fn: Callable[[], nn.Module], data, batch_sizes: Sequence[int], *
         check_growth: growth factor (> 1) of the interval between target checks after step 10.
         noise_scale: measure ``B_simple`` at the target (see above).
         seed: seed of the initial weights and of the data order.
+        seeds: several seeds (replaces ``seed``): each run is repeated once per seed.
+        multirun: ``"auto"``, True or False (see above).
         progress: called with each run's result dict as it finishes (for printing).
         **train_options: other ``Trainer`` options (optimizer, momentum, warmup, loss, ...).
 
@@ -785,6 +820,28 @@ def sweep(model_fn: Callable[[], nn.Module], data, batch_sizes: Sequence[int], *
     for name in ("batch_size", "lr", "scale_rule", "base_batch_size", "eval_every"):
         if name in train_options:
             raise ValueError(f"{name}= is set by the sweep itself; remove it from the options")
+    if seeds is None:
+        if not _is_int(seed):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        seed_list = [seed]
+    else:
+        if seed != 0:
+            raise ValueError("give seed=... or seeds=[...], not both")
+        try:
+            seed_list = list(seeds)
+        except TypeError:
+            raise TypeError(f"seeds must be a sequence of ints, got {seeds!r}") from None
+        if not seed_list or not all(_is_int(v) for v in seed_list):
+            raise ValueError(f"seeds must hold at least one int, got {seeds!r}")
+        if len(set(seed_list)) != len(seed_list):
+            raise ValueError(f"seeds holds duplicates: {seed_list}")
+    if multirun not in ("auto", True, False):
+        raise ValueError(f"multirun must be 'auto', True or False, got {multirun!r}")
+    vectorise = multirun is True or (multirun == "auto" and _multirun_fits(train_options))
+    if multirun is True and not _multirun_fits(train_options):
+        raise ValueError("multirun=True: these options need Trainer (an optimizer outside "
+                         "nbbatch.runs.MULTIRUN_OPTIMIZERS, or accumulation, clipping, gradient noise, "
+                         "noise_scale_every, checkpoint_segments, fp16); use multirun='auto' or False")
     if eval_data is None:
         eval_xy = (x, y)
     elif isinstance(eval_data, str):
@@ -796,73 +853,164 @@ def sweep(model_fn: Callable[[], nn.Module], data, batch_sizes: Sequence[int], *
     checks = {b: set(_check_steps(budget[b], float(check_growth))) for b in batch_sizes}
 
     runs = []
-    loss = "cross_entropy"   # the runs' loss (from the options or a config=), for the noise scale
+    better = min if target.mode == "min" else max
+    losses = []   # the runs' loss (from the options or a config=), for the noise scale
+
+    def new_run(b, lr_value, s, start):
+        if target.metric not in start:
+            raise ValueError(f"target metric {target.metric!r} is not measured; known: {sorted(start)}")
+        return {"batch_size": b, "lr": lr_value, "seed": s, "budget": budget[b], "reached": False, "steps": None,
+                "examples": None, "best": start[target.metric], "final": start[target.metric], "diverged": False,
+                "curve": [(0, start[target.metric])], "state": None}
+
+    def record(run, step, examples, value, model_state):
+        """A check: returns True when the run has just reached the target."""
+        run["curve"].append((step, value))
+        run["final"] = value
+        run["best"] = better(run["best"], value) if math.isfinite(value) else run["best"]
+        if target.reached(value):
+            run.update(reached=True, steps=step, examples=examples)
+            if noise_scale:
+                run["state"] = model_state()
+            return True
+        return False
+
+    def report(run):
+        runs.append(run)
+        if progress is not None:
+            progress({k: v for k, v in run.items() if k not in ("curve", "state")})
+
     for b in batch_sizes:
-        for lr_value in lr_table[b]:
-            torch.manual_seed(seed)
-            model = model_fn()
-            if not isinstance(model, nn.Module):
-                raise TypeError(f"model_fn must return a torch.nn.Module, got {type(model).__name__}")
-            trainer = Trainer(model, (x, y), batch_size=b, lr=lr_value, seed=seed, **train_options)
-            loss = trainer.config.loss
-            start = trainer.evaluate(eval_xy)
-            if target.metric not in start:
-                raise ValueError(f"target metric {target.metric!r} is not measured; known: {sorted(start)}")
-            run = {"batch_size": b, "lr": lr_value, "budget": budget[b], "reached": False, "steps": None, "examples": None,
-                   "best": start[target.metric], "final": start[target.metric], "diverged": False,
-                   "curve": [(0, start[target.metric])], "state": None}
-            better = min if target.mode == "min" else max
+        if vectorise:
+            from .runs import MultiRun
 
-            def check(t, row, run=run, checks=checks[b]):
-                if t.step_count not in checks:
+            pairs = [(lr_value, s) for lr_value in lr_table[b] for s in seed_list]
+            mr = MultiRun(model_fn, (x, y), batch_size=b, lr=[p[0] for p in pairs], seed=[p[1] for p in pairs],
+                          **train_options)
+            losses.append(mr.config.loss)
+            mine = [new_run(b, lr_value, s, start) for (lr_value, s), start in zip(pairs, mr.evaluate(eval_xy))]
+            done = [r for r, run in enumerate(mine) if target.reached(run["best"])]
+            for r in done:
+                mine[r].update(reached=True, steps=0, examples=0)
+            if done:
+                mr.stop_runs(done, "target")
+
+            def check(m, rows, mine=mine, checks=checks[b]):
+                if m.step_count not in checks:
                     return
-                value = t.evaluate(eval_xy)[target.metric]
-                run["curve"].append((t.step_count, value))
-                run["final"] = value
-                run["best"] = better(run["best"], value) if math.isfinite(value) else run["best"]
-                if target.reached(value):
-                    run.update(reached=True, steps=t.step_count, examples=t.examples_seen)
-                    if noise_scale:
-                        run["state"] = {k: v.detach().clone() for k, v in t.model.state_dict().items()}
-                    t.request_stop()
+                values = m.evaluate(eval_xy, runs=[r for r, row in enumerate(rows) if row is not None])
+                hit = [r for r, row in enumerate(rows) if row is not None and record(
+                    mine[r], m.step_count, m.examples_seen[r], values[r][target.metric],
+                    lambda r=r: {k: v.detach().clone() for k, v in m.model(r).state_dict().items()})]
+                if hit:
+                    m.stop_runs(hit, "target")
 
-            trainer.add_callback("step_end", check)
-            if target.reached(start[target.metric]):
-                run.update(reached=True, steps=0, examples=0)
-            else:
-                try:
-                    trainer.fit(steps=budget[b])
-                except DivergenceError:
-                    run["diverged"] = True
-            runs.append(run)
-            if progress is not None:
-                progress({k: v for k, v in run.items() if k not in ("curve", "state")})
+            if len(done) < len(mine):
+                mr.fit(steps=budget[b], on_step=check)
+            for r, run in enumerate(mine):
+                run["diverged"] = mr.status[r] == "diverged"
+                report(run)
+            continue
+        for lr_value in lr_table[b]:
+            for s in seed_list:
+                torch.manual_seed(s)
+                model = model_fn()
+                if not isinstance(model, nn.Module):
+                    raise TypeError(f"model_fn must return a torch.nn.Module, got {type(model).__name__}")
+                trainer = Trainer(model, (x, y), batch_size=b, lr=lr_value, seed=s, **train_options)
+                losses.append(trainer.config.loss)
+                run = new_run(b, lr_value, s, trainer.evaluate(eval_xy))
+
+                def check(t, row, run=run, checks=checks[b]):
+                    if t.step_count in checks and record(
+                            run, t.step_count, t.examples_seen, t.evaluate(eval_xy)[target.metric],
+                            lambda: {k: v.detach().clone() for k, v in t.model.state_dict().items()}):
+                        t.request_stop()
+
+                trainer.add_callback("step_end", check)
+                if target.reached(run["best"]):
+                    run.update(reached=True, steps=0, examples=0)
+                else:
+                    try:
+                        trainer.fit(steps=budget[b])
+                    except DivergenceError:
+                        run["diverged"] = True
+                report(run)
+    loss = losses[-1]
 
     best = []
     for b in batch_sizes:
         mine = [r for r in runs if r["batch_size"] == b]
-        reached = [r for r in mine if r["reached"]]
-        if reached:
-            pick = min(reached, key=lambda r: r["steps"])
+        by_lr = {}
+        for r in mine:
+            by_lr.setdefault(r["lr"], []).append(r)
+
+        def rank(lr_value):
+            group = by_lr[lr_value]
+            hits = [r["steps"] for r in group if r["reached"]]
+            return (-len(hits), sum(hits) / len(hits) if hits else 0.0)
+
+        if any(r["reached"] for r in mine):
+            pick_lr = min(by_lr, key=rank)
         else:
-            finite = [r for r in mine if math.isfinite(r["best"])] or mine
-            pick = (min if target.mode == "min" else max)(finite, key=lambda r: r["best"])
-        row = {"batch_size": b, "lr": pick["lr"], "budget": budget[b], "reached": pick["reached"], "steps": pick["steps"],
-               "examples": pick["examples"], "best": pick["best"], "diverged_lrs": sum(r["diverged"] for r in mine),
-               "b_simple": None}
-        if noise_scale and pick["state"] is not None:
-            torch.manual_seed(seed)
+            def mean_best(lr_value):
+                vals = [r["best"] for r in by_lr[lr_value] if math.isfinite(r["best"])]
+                return sum(vals) / len(vals) if vals else math.nan
+
+            finite = [v for v in by_lr if math.isfinite(mean_best(v))] or list(by_lr)
+            pick_lr = better(finite, key=mean_best)
+        group = by_lr[pick_lr]
+        hits = [r for r in group if r["reached"]]
+        steps = [r["steps"] for r in hits]
+        finite_best = [r["best"] for r in group if math.isfinite(r["best"])]
+        first = group[0]
+        row = {"batch_size": b, "lr": pick_lr, "budget": budget[b], "reached": len(hits) == len(group),
+               "steps": (sum(steps) / len(steps) if len(group) > 1 else steps[0]) if hits else None,
+               "examples": (sum(r["examples"] for r in hits) / len(hits) if len(group) > 1 else hits[0]["examples"])
+               if hits else None,
+               "best": (better(finite_best) if len(group) == 1 else sum(finite_best) / len(finite_best))
+               if finite_best else first["best"],
+               "diverged_lrs": sum(any(r["diverged"] for r in g) for g in by_lr.values()),
+               "b_simple": None, "seeds": len(group), "seeds_reached": len(hits),
+               "steps_min": min(steps) if hits else None, "steps_max": max(steps) if hits else None}
+        measured = next((r for r in group if r["state"] is not None), None)
+        if noise_scale and measured is not None:
+            torch.manual_seed(measured["seed"])
             model = model_fn()
-            model.load_state_dict(pick["state"])
+            model.load_state_dict(measured["state"])
             ns = gradient_noise_scale(model, (x, y), loss=loss,
-                                      sample=None if len(x) <= 4096 else 4096, seed=seed)
+                                      sample=None if len(x) <= 4096 else 4096, seed=measured["seed"])
             row["b_simple"] = ns.b_simple
+        row["_by_seed"] = {r["seed"]: r["steps"] for r in hits}
         best.append(row)
+    seed_fits = []
+    if len(seed_list) > 1:
+        for s in seed_list:
+            pts = [(r["batch_size"], r["_by_seed"][s]) for r in best if r["_by_seed"].get(s)]
+            seed_fits.append(fit_critical_batch(*zip(*pts)) if len({p[0] for p in pts}) >= 2 else None)
+    for r in best:
+        r.pop("_by_seed")
     for r in runs:
         r.pop("state", None)
     points = [(r["batch_size"], r["steps"]) for r in best if r["reached"] and r["steps"] > 0]
     fit = fit_critical_batch(*zip(*points)) if len({p[0] for p in points}) >= 2 else None
-    return SweepResult(target=target, runs=runs, best=best, fit=fit, max_steps=max_steps)
+    return SweepResult(target=target, runs=runs, best=best, fit=fit, max_steps=max_steps, seed_fits=seed_fits)
+
+
+def _multirun_fits(options: Mapping[str, Any]) -> bool:
+    """Whether a sweep's ``Trainer`` options can train as one ``nbbatch.runs.MultiRun``."""
+    from .config import TrainConfig
+    from .runs import MULTIRUN_OPTIMIZERS
+
+    config = options.get("config")
+    try:
+        cfg = (config if isinstance(config, TrainConfig) else TrainConfig()).replace(
+            **{k: v for k, v in options.items() if k != "config"})
+    except (TypeError, ValueError):
+        return False   # the Trainer path reports the bad option with its own message
+    return (isinstance(cfg.optimizer, str) and cfg.optimizer in MULTIRUN_OPTIMIZERS and cfg.accumulate == 1
+            and cfg.clip_grad_norm is None and cfg.grad_noise == 0 and cfg.noise_scale_every is None
+            and cfg.checkpoint_segments == 0 and cfg.precision != "fp16")
 
 
 # ---------------------------------------------------------------------- learning-rate range test

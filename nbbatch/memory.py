@@ -819,6 +819,26 @@ class MemoryModel:
             raise ValueError(f"batch_size must be a number >= 0, got {batch_size!r}")
         return self.fixed + self.per_example * batch_size
 
+    def predict_runs(self, batch_size, runs: int) -> float:
+        """Predicted bytes of ``runs`` runs trained as one ``nbbatch.runs.MultiRun`` at ``batch_size``.
+
+        The stacked runs hold ``runs`` times the parameters, gradients and optimizer state, and
+        their step keeps ``runs`` times one run's activations (``runs * batch_size`` rows), so the
+        whole line scales: ``runs * (fixed + per_example * batch_size)``.
+
+        Example:
+            >>> MemoryModel(1000.0, 10.0).predict_runs(64, 8)
+            13120.0
+        """
+        if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
+            raise ValueError(f"runs must be a positive int, got {runs!r}")
+        return runs * self.predict(batch_size)
+
+    def max_runs(self, budget, batch_size) -> int:
+        """The most runs at ``batch_size`` that fit in ``budget`` bytes trained as one MultiRun (0: none)."""
+        budget = _check_budget(budget)
+        return int(math.floor(budget / self.predict(batch_size) + 1e-9))
+
     def max_batch_size(self, budget, round_to=None) -> int:
         """The largest batch size whose predicted memory fits in ``budget`` bytes.
 
