@@ -31,6 +31,9 @@ __all__ = ["LARS", "LAMB", "layerwise_groups", "add_gradient_noise", "gradient_n
 #: then spreads over the whole layer's step.
 LAMB_EPS = 1e-6
 
+#: Adam's and AdamW's eps when none is given: torch's (and Kingma & Ba's) default.
+ADAM_EPS = 1e-8
+
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

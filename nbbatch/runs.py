@@ -37,6 +37,7 @@ from .batching import as_tensors, epoch_permutation, num_batches
 from .config import TrainConfig
 from .device import autocast_context, peak_memory_bytes, reset_peak_memory, resolve_device, resolve_precision
 from .history import History
+from .optim import ADAM_EPS
 from .schedules import Schedule, scale_lr
 from .trainer import Target, accuracy, mse_loss
 
@@ -489,7 +490,7 @@ class MultiRun:
             torch._foreach_addcmul_(params, grads, neg_lr)              # p <- p - lr * g
             return
         beta1, beta2 = (float(b) for b in self.config.betas)
-        eps = float(self.config.eps)
+        eps = ADAM_EPS if self.config.eps is None else float(self.config.eps)
         if self.config.optimizer == "adamw":
             if decay:                                                   # p <- p * (1 - lr * wd)
                 torch._foreach_mul_(params, torch._foreach_add(torch._foreach_mul(neg_lr, wd), 1.0))

@@ -31,7 +31,7 @@ from .distributed import StopAgreed
 from .distributed import resolve as resolve_distributed
 from .history import History
 from .norms import warn_accumulation_with_bn
-from .optim import LAMB, LAMB_EPS, LARS, add_gradient_noise, gradient_noise_std, layerwise_groups
+from .optim import ADAM_EPS, LAMB, LAMB_EPS, LARS, add_gradient_noise, gradient_noise_std, layerwise_groups
 from .memory import checkpointed
 from .schedules import Schedule, scale_lr
 
@@ -963,7 +963,7 @@ def _build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     name, lr, wd = cfg.optimizer, cfg.lr, cfg.weight_decay
     if name in ("sgd", "momentum", "nesterov"):
         return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum_value, nesterov=name == "nesterov", weight_decay=wd)
-    adam_eps = 1e-8 if cfg.eps is None else cfg.eps        # torch's (and Kingma & Ba's) default
+    adam_eps = ADAM_EPS if cfg.eps is None else cfg.eps
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, betas=tuple(cfg.betas), eps=adam_eps, weight_decay=wd)
     if name == "adamw":
