@@ -249,6 +249,9 @@ class RunLog:
         self.every = float(every)
         self._written = {"steps": 0, "evals": 0, "events": 0}
         self._last = time.monotonic()
+        # A log already there (a run resumed into its own log directory): this one starts over from
+        # the History it is given (a resumed trainer's holds every row up to its checkpoint).
+        self._restart = os.path.getsize(self.path) > 0
 
     def write(self, history: "History", now: bool = False) -> None:
         """Append the rows ``history`` gained since the last write (only every few seconds unless ``now``)."""
@@ -256,6 +259,9 @@ class RunLog:
             return
         self._last = time.monotonic()
         lines = []
+        if self._restart:
+            lines.append(json.dumps({"truncate": {"steps": 0, "evals": 0, "events": 0}}))
+            self._restart = False
         sizes = {"steps": len(history.steps), "evals": len(history.evals), "events": len(history.events)}
         if any(sizes[k] < self._written[k] for k in sizes):
             # The History was replaced (a checkpoint loaded): the log continues from its rows.

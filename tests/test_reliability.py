@@ -409,3 +409,28 @@ def test_the_run_log_survives_a_killed_process(tmp_path):
     t = Trainer(nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 3)), (x, y), batch_size=10, seed=0)
     t.fit(steps=len(steps))
     assert logged.steps["loss"] == t.history.steps["loss"]
+
+
+def test_a_run_resumed_into_its_own_log_directory_logs_each_row_once(toy, tmp_path):
+    log = tmp_path / "log"
+    t = make(toy, log_dir=log)
+    t.add_callback("step_end", lambda tr, row: tr.save(tmp_path / "c.pt") if row["step"] == 9 else None)
+    t.fit(epochs=1)                                    # the log runs on past the checkpoint, to step 13
+    resumed = Trainer.load(tmp_path / "c.pt", make_mlp(), toy, eval_data=toy, log_dir=log)
+    resumed.fit(epochs=1)
+    logged = History.read(log)
+    assert columns(logged) == columns(resumed.history) and logged.steps["step"] == list(range(1, 23))
+
+
+@pytest.mark.parametrize("remainder", ["merge", "error"])
+def test_find_max_batch_size_searches_only_batches_ghost_batch_norm_can_normalise(remainder):
+    from nbbatch.memory import find_max_batch_size
+
+    x, y = torch.randn(256, 40), torch.randint(0, 10, (256,))
+    model = convert_norm(MLP(40, (64,), 10, norm="batch"), "ghost", virtual_batch_size=16, remainder=remainder)
+    t = Trainer(model, (x, y), batch_size=64)
+    result = find_max_batch_size(t, budget=2**20)
+    sizes = [row["batch_size"] for row in result.trials]
+    assert min(sizes) == 16 and len(sizes) == len(set(sizes)) and result.batch_size >= 16
+    if remainder == "error":
+        assert all(b % 16 == 0 for b in sizes) and result.batch_size % 16 == 0
