@@ -298,7 +298,13 @@ class Trainer:
     def add_callback(self, event: str, fn: Callable[["Trainer", dict], Any]) -> None:
         """Call ``fn(trainer, row)`` on ``event``: fit_start, step_end, eval_end or fit_end.
 
-        ``row`` is the history row just recorded (empty for fit_start/fit_end).
+        ``row`` is the history row just recorded (empty for fit_start; ``{"reason": ...}`` for
+        fit_end, with ``"error"`` when the fit failed). At an evaluation step, eval_end runs
+        before that step's step_end. A callback may read the trainer and call
+        ``request_stop()``, ``reschedule()``, ``evaluate()``, ``state_dict()`` and ``save()``
+        (a checkpoint saved from any callback resumes exactly); ``fit``, ``step``, ``lr_find``
+        and ``load_state_dict`` raise a RuntimeError there, as they do from another thread
+        while a fit runs. An exception a callback raises ends the fit as failed.
         """
         if event not in EVENTS:
             raise ValueError(f"event={event!r} is not known; use one of {EVENTS}")
