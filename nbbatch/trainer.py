@@ -574,6 +574,7 @@ class Trainer:
         """
         with self.exclusive("step"):
             self._stop_requested = False
+            self._eval_pending = False   # a step moves on: an evaluation missed at the last step stays missed
             self._get_schedule(self._horizon)
             row = self._guarded_step()
             self._trigger("step_end", row)
@@ -811,8 +812,13 @@ class Trainer:
         """Loss and metrics of the model on ``data`` (default: the evaluation set).
 
         ``data`` may be ``"train"``, ``"eval"``, a pair ``(x, y)`` of tensors or a Dataset.
-        The model is put in eval mode and restored afterwards; nothing is recorded.
+        The model is put in eval mode and restored afterwards; nothing is recorded. Refused from
+        another thread while a fit or step runs (its eval mode would reach the training step);
+        a callback may call it.
         """
+        if self._busy_what is not None and self._busy_thread != threading.get_ident():
+            raise RuntimeError(f"evaluate: this trainer is running {self._busy_what}() in another thread; evaluate "
+                               f"from a callback (add_callback('eval_end', ...) or 'step_end') or after it returns")
         if data is None or (isinstance(data, str) and data == "eval"):
             if self._eval_data is None:
                 raise ValueError("evaluate: this trainer has no evaluation data; pass eval_data= to the Trainer "

@@ -172,6 +172,8 @@ def test_a_second_fit_from_another_thread_is_refused(toy):
         for call in (lambda: t.fit(steps=2), t.step, lambda: lr_find(t, steps=5)):
             with pytest.raises(RuntimeError, match="already running fit\\(\\) \\(in another thread\\)"):
                 call()
+        with pytest.raises(RuntimeError, match="running fit\\(\\) in another thread"):
+            t.evaluate()
     finally:
         release.set()
         worker.join(20)
