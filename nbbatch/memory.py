@@ -915,6 +915,17 @@ def find_max_batch_size(target, data=None, *, budget=None, margin: float = 0.05,
         >>> r.batch_size
         1657
     """
+    from .trainer import Trainer
+
+    # A trainer's model is trained and restored trial by trial: no fit may run on it meanwhile.
+    hold = target.exclusive("find_max_batch_size") if isinstance(target, Trainer) else contextlib.nullcontext()
+    with hold:
+        return _find_max_batch_size(target, data, budget=budget, margin=margin, start=start, limit=limit,
+                                    round_to=round_to, steps=steps, strategy=strategy, config=config, **options)
+
+
+def _find_max_batch_size(target, data, *, budget, margin, start, limit, round_to, steps, strategy, config,
+                         **options) -> FinderResult:
     from .device import describe_device, resolve_device, resolve_precision
     from .trainer import Trainer
     if not isinstance(margin, (int, float)) or isinstance(margin, bool) or not 0 <= margin < 1:

@@ -1118,6 +1118,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     except pickle.UnpicklingError as err:
         # torch's message suggests weights_only=False, which would run whatever code the file holds:
         # never pass that advice on.
+        if "global" not in str(err).lower():   # not a refused object: bytes that are no pickle at all
+            raise ValueError(f"{path!r} is not a readable nbbatch checkpoint (damaged, truncated or another kind "
+                             f"of file)") from None
         raise ValueError(f"{path!r} is not a safe nbbatch checkpoint: it holds objects other than tensors and "
                          f"plain values, so it was not unpickled. Load only checkpoints written by Trainer.save "
                          f"from a source you trust") from None
