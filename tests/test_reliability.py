@@ -440,3 +440,21 @@ def test_find_max_batch_size_searches_only_batches_ghost_batch_norm_can_normalis
     assert min(sizes) == 16 and len(sizes) == len(set(sizes)) and result.batch_size >= 16
     if remainder == "error":
         assert all(b % 16 == 0 for b in sizes) and result.batch_size % 16 == 0
+
+
+def test_the_run_log_flushes_every_few_seconds_between_evaluations(tmp_path):
+    from nbbatch.history import RunLog
+
+    history, log = History(), RunLog(tmp_path, {"lr": 0.1}, every=0.3)
+    history.steps.append({"step": 1, "loss": 1.0})
+    log.write(history)                                   # too soon after the start: nothing yet
+    assert len(History.read(tmp_path)) == 0
+    time.sleep(0.35)
+    history.steps.append({"step": 2, "loss": 0.5})
+    log.write(history)
+    assert History.read(tmp_path).steps["loss"] == [1.0, 0.5]
+    with open(tmp_path / "history.jsonl", "a") as f:
+        f.write('{"steps": {"step": 3, "lo')              # a write cut short by a killed process
+    assert History.read(tmp_path).steps["step"] == [1, 2]
+    with pytest.raises(ValueError, match="log_dir"):
+        RunLog(tmp_path / "history.jsonl" / "sub")
