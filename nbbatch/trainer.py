@@ -183,8 +183,13 @@ class Trainer:
         sample = train_xy if train_xy is not None else _first_batch(data)
         _check_fit(model, loss_fn, cfg.loss, sample[0][:2], sample[1][:2],
                    all_labels=train_xy[1] if train_xy is not None else None, metrics=metrics)
-        if dist_ctx is None:   # data-parallel, each rank normalises its own share
-            _check_batch_norm(model, n_train, cfg, data)
+        # Batch norm that cannot normalise every batch is refused now; one that cannot normalise only
+        # the short last batch of an epoch is refused by the fit or step that would reach it (before
+        # it starts), so a trainer that takes a few steps stays possible. Data-parallel, each rank
+        # normalises its own share: not checked here.
+        every_batch, last_batch = _batch_norm_problems(model, n_train, cfg, data) if dist_ctx is None else (None, None)
+        if every_batch is not None:
+            raise ValueError(every_batch)
         optimizer = _build_optimizer(cfg, model.parameters())   # a bad factory fails here, before any change
         checkpointed(model, cfg.checkpoint_segments)  # checks the option (an nn.Sequential is needed)
         if dist_ctx is not None:   # the split and the agreement of all ranks, still before any change
@@ -201,6 +206,7 @@ class Trainer:
         except BaseException:
             _set_rng_state(rng)
             raise
+        self._last_batch_problem = last_batch
 
     def _build(self, model, data, cfg, dist_ctx, device, precision, train_xy, eval_xy, spec, loss_fn,
                metrics, optimizer, log_dir) -> None:
@@ -573,12 +579,18 @@ class Trainer:
         The ``step_end`` callbacks run after it; no evaluation is made.
         """
         with self.exclusive("step"):
+            self._check_last_batch(1)
             self._stop_requested = False
             self._eval_pending = False   # a step moves on: an evaluation missed at the last step stays missed
             self._get_schedule(self._horizon)
             row = self._guarded_step()
             self._trigger("step_end", row)
             return row
+
+    def _check_last_batch(self, steps: int) -> None:
+        """Refuse ``steps`` more steps when they reach a last batch that batch norm cannot normalise."""
+        if self._last_batch_problem is not None and steps >= self.steps_per_epoch - self.batch_in_epoch:
+            raise ValueError(self._last_batch_problem)
 
     @contextlib.contextmanager
     def exclusive(self, what: str):
@@ -665,6 +677,7 @@ class Trainer:
         if progress is not None and not isinstance(progress, bool):
             raise TypeError(f"progress must be True, False or None, got {progress!r}")
         end, target = self._plan(epochs, steps, until)
+        self._check_last_batch(end - self.step_count)
         horizon = self._horizon if self._horizon is not None else end
         schedule = self._schedule if self._schedule is not None else self._build_schedule(horizon)
         if schedule.warmup != "none" and schedule.warmup_steps > horizon:
@@ -1286,37 +1299,40 @@ def _split_sizes(n: int, k: int) -> list[int]:
     return [q + 1] * r + [q] * (k - r)
 
 
-def _check_batch_norm(model: nn.Module, n_train: int | None, cfg: TrainConfig, data) -> None:
-    """Refuse a run whose batches (the short last one included) batch norm cannot normalise."""
+def _batch_norm_problems(model: nn.Module, n_train: int | None, cfg: TrainConfig, data) -> tuple[str | None, str | None]:
+    """What batch norm cannot normalise: (in every batch, in the short last batch of an epoch), or None."""
     layers = [m for _, m in bn_layers(model)]
     if not layers or n_train is None:
-        return
+        return None, None
     if isinstance(data, DataLoader):
         batch, drop_last = data.batch_size, data.drop_last
     else:
         batch, drop_last = cfg.batch_size, cfg.drop_last
     if batch is None:
-        return
+        return None, None
     last = n_train % batch
-    batches = [batch] + ([last] if last and not drop_last else [])
     splits = [cfg.accumulate] + ([2] if cfg.noise_scale_every is not None and cfg.accumulate == 1 else [])
-    for b in batches:
+    ghost = any(hasattr(layer, "virtual_sizes") for layer in layers)
+
+    def problem(b: int) -> str | None:
         what = f"the last batch of each epoch ({b} of {n_train} examples)" if b != batch else f"a batch of {b}"
         fix = ("pass drop_last=True to skip the short last batch" if b != batch
                else "use a larger batch_size or fewer accumulation steps")
         for k in splits:
-            for m in set(_split_sizes(b, k)):
+            for m in sorted(set(_split_sizes(b, k))):
                 part = what if m == b else f"{what}, split into micro-batches of {m},"
-                if m < 2 and not any(hasattr(layer, "virtual_sizes") for layer in layers):
-                    raise ValueError(f"batch_size={batch}: {part} leaves batch norm one example to normalise, "
-                                     f"which it cannot; {fix}")
+                if m < 2 and not ghost:
+                    return (f"batch_size={batch}: {part} leaves batch norm one example to normalise, which it "
+                            f"cannot; {fix}")
                 for layer in layers:
                     if hasattr(layer, "virtual_sizes"):   # ghost batch norm: its virtual batches must fit
                         try:
                             layer.virtual_sizes(m)
                         except ValueError as err:
-                            raise ValueError(f"batch_size={batch}: ghost batch norm cannot normalise {part}: "
-                                             f"{err}; {fix}") from None
+                            return f"batch_size={batch}: ghost batch norm cannot normalise {part}: {err}; {fix}"
+        return None
+
+    return problem(batch), (problem(last) if last and not drop_last else None)
 
 
 @torch.no_grad()

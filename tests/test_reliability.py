@@ -303,15 +303,27 @@ def test_loading_does_not_write_where_the_checkpoint_says(tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("norm", ["batch", "ghost"])
-def test_batch_norm_that_cannot_normalise_the_last_batch_is_refused_at_construction(toy, norm):
+def test_batch_norm_that_cannot_normalise_a_batch_is_refused_before_any_step(toy, norm):
     model = MLP(8, (16,), 3, norm="batch")
     if norm == "ghost":
         model = convert_norm(model, "ghost", virtual_batch_size=8)
     x, y = toy[0][:193], toy[1][:193]                 # 12 batches of 16, then one of 1
+    t = Trainer(copy.deepcopy(model), (x, y), batch_size=16, seed=0)
+    before = weights(t.model)
+    with pytest.raises(ValueError, match="last batch of each epoch .*drop_last=True"):
+        t.fit(epochs=1)                                # refused before its first step
+    assert t.step_count == 0 and same_weights_as(t.model, before)
+    t.fit(steps=12)                                    # steps that stop short of the last batch run
     with pytest.raises(ValueError, match="drop_last=True"):
-        Trainer(copy.deepcopy(model), (x, y), batch_size=16)
-    t = Trainer(copy.deepcopy(model), (x, y), batch_size=16, drop_last=True)
-    t.fit(epochs=1)
+        t.step()
+    assert t.step_count == 12
+    Trainer(copy.deepcopy(model), (x, y), batch_size=16, drop_last=True).fit(epochs=1)
+    with pytest.raises(ValueError, match="larger batch_size"):   # every batch: refused at construction
+        Trainer(copy.deepcopy(model), (x, y), batch_size=16, accumulate=16 if norm == "batch" else 4)
+
+
+def same_weights_as(model, saved):
+    return all(torch.equal(p, q) for p, q in zip(weights(model), saved))
 
 
 def test_lr_find_warns_when_the_range_holds_no_usable_learning_rate(toy):
