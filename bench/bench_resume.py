@@ -68,13 +68,13 @@ def build(dropout: float = 0.1):
     return model, trip, (x[:200], y[:200]), (x[200:], y[200:])
 
 
-def trainer(model, data, eval_data) -> Trainer:
+def trainer(model, data, eval_data, device: str = "cpu") -> Trainer:
     return Trainer(model, data, eval_data=eval_data, batch_size=16, lr=0.1, optimizer="momentum",
-                   warmup="linear", warmup_steps=5, seed=0, device="cpu")
+                   warmup="linear", warmup_steps=5, seed=0, device=device)
 
 
 def record(t: Trainer) -> dict:
-    return {"weights": {k: v.clone() for k, v in t.model.state_dict().items()},
+    return {"weights": {k: v.detach().cpu().clone() for k, v in t.model.state_dict().items()},
             "steps": {c: t.history.steps[c] for c in STEP_COLUMNS},
             "evals": {c: t.history.evals[c] for c in EVAL_COLUMNS}}
 
@@ -84,17 +84,17 @@ def same(a: dict, b: dict) -> bool:
             and all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"]))
 
 
-def reference() -> dict:
+def reference(device: str = "cpu") -> dict:
     model, _, data, eval_data = build()
-    t = trainer(model, data, eval_data)
+    t = trainer(model, data, eval_data, device)
     t.fit(epochs=EPOCHS)
     return record(t)
 
 
-def interrupted(mode: str, k: int, workdir: str | None = None) -> dict:
+def interrupted(mode: str, k: int, workdir: str | None = None, device: str = "cpu") -> dict:
     """The run interrupted at step ``k`` (in-step: inside step ``k``) in ``mode``, then resumed."""
     model, trip, data, eval_data = build()
-    t = trainer(model, data, eval_data)
+    t = trainer(model, data, eval_data, device)
     if mode == "in-step":
         trip.at = k
     elif mode in ("callback", "sigint", "thread"):

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import PairDataset, make_mlp, same_weights, weights
+from helpers import PairDataset, make_mlp, requires_cuda, same_weights, weights
 from nbbatch import History, Trainer
 from nbbatch.diagnostics import lr_find
 from nbbatch.norms import convert_norm
@@ -244,6 +244,12 @@ def test_an_interrupt_inside_a_step_with_dropout_resumes_bitwise(study):
 def test_interrupted_runs_resume_bitwise(study, mode, tmp_path):
     ref = study.reference()
     assert all(study.same(study.interrupted(mode, k, str(tmp_path)), ref) for k in (1, 13, 26, 38))
+
+
+@requires_cuda
+def test_an_interrupt_inside_a_step_on_cuda_gives_back_the_cuda_generator(study):
+    ref = study.reference("cuda")
+    assert all(study.same(study.interrupted("in-step", k, device="cuda"), ref) for k in (2, 13, 27))
 
 
 def test_a_checkpoint_resumes_bitwise_in_a_fresh_process(study, tmp_path):
