@@ -136,6 +136,8 @@ class Trainer:
             rows appended as training goes (flushed every 2 s, at each evaluation and when a fit
             ends), so ``History.read(log_dir)`` recovers a run whose process died. Data-parallel,
             rank 0 writes it.
+        log_checkpoints: also save ``<log_dir>/checkpoint.pt`` (atomically) at every evaluation,
+            for ``Trainer.load`` after a dead kernel.
         **options: any ``TrainConfig`` field (batch_size, lr, optimizer, accumulate, ...).
 
     Example:
@@ -148,13 +150,16 @@ class Trainer:
     """
 
     def __init__(self, model: nn.Module, data, config: TrainConfig | None = None, *, eval_data=None,
-                 distributed="auto", log_dir: str | os.PathLike | None = None, **options):
+                 distributed="auto", log_dir: str | os.PathLike | None = None, log_checkpoints: bool = False,
+                 **options):
         # ---- validate everything before any state changes -----------------------------------
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         _check_model(model)
         if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
             raise TypeError(f"log_dir must be a path or None, got {type(log_dir).__name__}")
+        if not isinstance(log_checkpoints, bool) or (log_checkpoints and log_dir is None):
+            raise ValueError(f"log_checkpoints={log_checkpoints!r}: it must be True or False, and True needs a log_dir")
         if config is not None and not isinstance(config, TrainConfig):
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
         if isinstance(data, DataLoader) and config is None and "batch_size" not in options:
@@ -207,6 +212,7 @@ class Trainer:
             _set_rng_state(rng)
             raise
         self._last_batch_problem = last_batch
+        self._log_checkpoint = os.path.join(os.fspath(log_dir), "checkpoint.pt") if log_checkpoints else None
 
     def _build(self, model, data, cfg, dist_ctx, device, precision, train_xy, eval_xy, spec, loss_fn,
                metrics, optimizer, log_dir) -> None:
@@ -890,6 +896,8 @@ class Trainer:
         self._eval_pending = False   # recorded: a checkpoint from eval_end must not evaluate again
         if self._log is not None:
             self._log.write(self.history, now=True)
+        if self._log_checkpoint is not None:
+            self.save(self._log_checkpoint)   # every rank calls it; rank 0 writes
         self._trigger("eval_end", row)
         return row
 
@@ -1045,14 +1053,16 @@ class Trainer:
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module, data=None, *, eval_data=None, distributed="auto",
-             log_dir: str | os.PathLike | None = None, **overrides) -> "Trainer":
+             log_dir: str | os.PathLike | None = None, log_checkpoints: bool = False,
+             **overrides) -> "Trainer":
         """Rebuild a trainer from a checkpoint written by ``save`` and continue with ``fit()``.
 
         The checkpoint is read with ``weights_only=True``: a file that would run code when
         unpickled is refused. ``data`` may be left out when the run used a built-in dataset.
         Options that were custom callables (optimizer factory, loss, metrics) must be passed again.
         A data-parallel run resumes on any number of processes (every rank reads the file).
-        ``log_dir`` starts a run log (see ``Trainer``) holding the checkpoint's History and what follows.
+        ``log_dir`` (and ``log_checkpoints``) start a run log (see ``Trainer``) holding the
+        checkpoint's History and what follows.
         """
         ctx = resolve_distributed(distributed)
         if ctx is not None:
@@ -1076,7 +1086,8 @@ class Trainer:
             # this user's cache, never in a directory the file names.
             kwargs = {k: v for k, v in (spec.get("kwargs") or {}).items() if k != "cache_dir"}
             data = load_dataset({**spec, "kwargs": kwargs})
-        trainer = cls(model, data, cfg, eval_data=eval_data, distributed=distributed, log_dir=log_dir)
+        trainer = cls(model, data, cfg, eval_data=eval_data, distributed=distributed, log_dir=log_dir,
+                      log_checkpoints=log_checkpoints)
         trainer.load_state_dict(state)
         return trainer
 

@@ -402,7 +402,7 @@ def test_the_run_log_survives_a_killed_process(tmp_path):
         torch.manual_seed(1)
         model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 3))
         t = Trainer(model, (x, y), eval_data=(x[:200], y[:200]), batch_size=10, eval_every=50, seed=0,
-                    log_dir={str(log)!r})
+                    log_dir={str(log)!r}, log_checkpoints=True)
         def slow(tr, row):
             if row["step"] == 120:
                 print("ready", flush=True)
@@ -433,6 +433,13 @@ def test_the_run_log_survives_a_killed_process(tmp_path):
     t = Trainer(nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 3)), (x, y), batch_size=10, seed=0)
     t.fit(steps=len(steps))
     assert logged.steps["loss"] == t.history.steps["loss"]
+    # the checkpoint of the last evaluation resumes that run
+    resumed = Trainer.load(log / "checkpoint.pt", nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 3)),
+                           (x, y), eval_data=(x[:200], y[:200]))
+    last = resumed.step_count
+    assert last % 50 == 0 and last <= len(steps) and resumed.history.steps["loss"] == logged.steps["loss"][:last]
+    resumed.fit(steps=len(steps) - last + 1)
+    assert resumed.history.steps["loss"][:len(steps)] == t.history.steps["loss"]
 
 
 def test_a_run_resumed_into_its_own_log_directory_logs_each_row_once(toy, tmp_path):
