@@ -593,6 +593,12 @@ class Trainer:
             self._trigger("step_end", row)
             return row
 
+    def _refuse_from_another_thread(self, what: str) -> None:
+        busy, thread = self._busy_what, self._busy_thread
+        if busy is not None and thread != threading.get_ident():
+            raise RuntimeError(f"{what}: this trainer is running {busy}() in another thread; call it from a "
+                               f"callback (add_callback('step_end', ...)), or after that call returns")
+
     def _check_last_batch(self, steps: int) -> None:
         """Refuse ``steps`` more steps when they reach a last batch that batch norm cannot normalise."""
         if self._last_batch_problem is not None and steps >= self.steps_per_epoch - self.batch_in_epoch:
@@ -835,9 +841,7 @@ class Trainer:
         another thread while a fit or step runs (its eval mode would reach the training step);
         a callback may call it.
         """
-        if self._busy_what is not None and self._busy_thread != threading.get_ident():
-            raise RuntimeError(f"evaluate: this trainer is running {self._busy_what}() in another thread; evaluate "
-                               f"from a callback (add_callback('eval_end', ...) or 'step_end') or after it returns")
+        self._refuse_from_another_thread("evaluate")
         if data is None or (isinstance(data, str) and data == "eval"):
             if self._eval_data is None:
                 raise ValueError("evaluate: this trainer has no evaluation data; pass eval_data= to the Trainer "
@@ -907,7 +911,10 @@ class Trainer:
 
         As with ``nn.Module.state_dict``, the tensors are the live ones: ``copy.deepcopy`` the
         result to keep an in-memory snapshot while training goes on (``save`` writes a copy).
+        Refused from another thread while a fit runs (it would catch a step half done); a
+        callback may call it.
         """
+        self._refuse_from_another_thread("state_dict")
         return {
             "version": CHECKPOINT_VERSION,
             "config": self.config.to_dict(),
@@ -989,6 +996,17 @@ class Trainer:
         if (not isinstance(groups, list) or not isinstance(opt.get("state"), Mapping)
                 or [len(g.get("params", ())) for g in groups] != [len(g["params"]) for g in self.optimizer.param_groups]):
             raise ValueError("state['optimizer'] does not fit this trainer's optimizer (its parameter groups differ)")
+        # Per-parameter buffers (momentum, Adam's moments) must have their parameter's shape, or the
+        # next step fails (or broadcasts silently) after everything was loaded.
+        shapes = {i: p.shape for i, p in enumerate(self._params)}
+        for key, entry in opt["state"].items():
+            shape = shapes.get(key) if isinstance(key, int) else None
+            if shape is None or not isinstance(entry, Mapping):
+                raise ValueError(f"state['optimizer']: its state for parameter {key!r} fits no parameter of this trainer")
+            odd = [name for name, v in entry.items() if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != shape]
+            if odd:
+                raise ValueError(f"state['optimizer']: {odd} of parameter {key} have a shape other than the "
+                                 f"parameter's {tuple(shape)}")
         rng = state.get("rng") or {}
         reference = torch.get_rng_state()
         cpu_rng = rng.get("torch") if isinstance(rng, Mapping) else None
@@ -1034,6 +1052,7 @@ class Trainer:
         rank and calling it on rank 0 alone both work; ``Trainer.load`` waits for all ranks
         before it reads, so a file saved just before is complete.
         """
+        self._refuse_from_another_thread("save")   # it would catch a step half done
         if self._dist is not None and not self._dist.is_main:
             return
         path = os.fspath(path)

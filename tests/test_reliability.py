@@ -111,7 +111,7 @@ def test_a_bad_label_in_a_later_batch_is_a_clear_error_and_a_failed_fit(toy):
 
 
 # ---------------------------------------------------------------------------- 2. load_state_dict
-@pytest.mark.parametrize("damage", ["short column", "no data_seed", "history step"])
+@pytest.mark.parametrize("damage", ["short column", "no data_seed", "history step", "momentum shape"])
 def test_a_damaged_state_changes_nothing(toy, damage):
     t = make(toy)
     t.fit(steps=7)
@@ -123,8 +123,10 @@ def test_a_damaged_state_changes_nothing(toy, damage):
         state["history"]["steps"]["loss"].pop()
     elif damage == "no data_seed":
         del state["progress"]["data_seed"]
-    else:
+    elif damage == "history step":
         state["progress"]["step"] = 9
+    else:
+        state["optimizer"]["state"][0]["momentum_buffer"] = torch.zeros(3)
     with pytest.raises(ValueError, match="state"):
         other.load_state_dict(state)
     after = other.state_dict()
@@ -176,8 +178,9 @@ def test_a_second_fit_from_another_thread_is_refused(toy):
                      lambda: find_max_batch_size(t, budget=2**24)):
             with pytest.raises(RuntimeError, match="already running fit\\(\\) \\(in another thread\\)"):
                 call()
-        with pytest.raises(RuntimeError, match="running fit\\(\\) in another thread"):
-            t.evaluate()
+        for call in (t.evaluate, t.state_dict, lambda: t.save(str(Path(os.devnull)))):
+            with pytest.raises(RuntimeError, match="running fit\\(\\) in another thread"):
+                call()
     finally:
         release.set()
         worker.join(20)
