@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -1090,6 +1091,18 @@ def lr_find(trainer, *, start_lr: float = 1e-4, end_lr: float = 10.0, steps: int
     if isinstance(diverge, bool) or not isinstance(diverge, (int, float)) or not diverge > 1:
         raise ValueError(f"diverge must be a number > 1, got {diverge!r}")
 
+    # One training call at a time: a fit running (in a thread, or the caller of this callback)
+    # refuses the range test instead of interleaving their steps.
+    with trainer.exclusive("lr_find"):
+        result = _range_test(trainer, start_lr, end_lr, steps, smoothing, diverge)
+    if result.stopped_early and len(result.lrs) <= 2:
+        warnings.warn(f"lr_find: the loss ran away within {len(result.lrs)} step(s) of start_lr={start_lr:g}, "
+                      f"so the range holds no usable learning rate and suggested_lr={result.suggested_lr:g} "
+                      f"means nothing; lower start_lr (the default is 1e-4)", stacklevel=2)
+    return result
+
+
+def _range_test(trainer, start_lr, end_lr, steps, smoothing, diverge) -> LRFinderResult:
     # The trainer's own step does the work (its micro-batches, loss scaling, clipping, gradient
     # noise, checkpointing, data parallelism), with the learning rate taken from the range instead
     # of the schedule; its full state (model, optimizer, progress, History, RNG) is put back after.

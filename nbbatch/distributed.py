@@ -458,6 +458,27 @@ def _loopback_interface() -> str | None:
     return next((n for n in ("lo", "lo0") if n in names), None)
 
 
+def _rendezvous_store(host: str, port: int, rank_: int, nprocs: int, timeout: timedelta):
+    """The workers' key-value store, listening on ``host`` only.
+
+    Given a host, torch's own TCP store still listens on every interface of the machine, so
+    anyone who can reach the port could join or disturb the group. Rank 0 binds the socket to
+    ``host`` itself (the loopback address by default) and hands it to the store.
+    """
+    if rank_ != 0:
+        return dist.TCPStore(host, port, nprocs, False, timeout)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(max(128, nprocs))
+    except BaseException:
+        sock.close()
+        raise
+    return dist.TCPStore(host, port, nprocs, True, timeout, master_listen_fd=sock.detach())
+
+
 def _worker(payload: bytes, rank_: int, nprocs: int, host: str, port: int, backend: str, threads: int | None,
             timeout_s: float, results) -> None:
     import cloudpickle
@@ -474,7 +495,8 @@ def _worker(payload: bytes, rank_: int, nprocs: int, host: str, port: int, backe
         fn, args, kwargs = cloudpickle.loads(payload)
         if backend == "nccl":
             torch.cuda.set_device(rank_ % torch.cuda.device_count())
-        dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=rank_, world_size=nprocs,
+        store = _rendezvous_store(host, port, rank_, nprocs, timedelta(seconds=timeout_s))
+        dist.init_process_group(backend, store=store, rank=rank_, world_size=nprocs,
                                 timeout=timedelta(seconds=timeout_s))
         with contextlib.redirect_stdout(out):
             value = fn(*args, **kwargs)
@@ -512,7 +534,9 @@ def launch(fn: Callable, nprocs: int = 2, *, args: Sequence = (), kwargs: dict |
         nprocs: number of worker processes (the world size).
         args, kwargs: passed to ``fn`` in every worker.
         backend: ``"gloo"`` (default) or ``"nccl"`` (one CUDA device per worker).
-        host, port: where rank 0 listens (``port=None``: a free port).
+        host, port: where rank 0's rendezvous store listens (``port=None``: a free port). The
+            default, the loopback address, keeps the group closed to other machines; another
+            address (an interface's, or ``"0.0.0.0"`` for all) lets anyone who can reach the port connect.
         threads: ``torch.set_num_threads`` in each worker (None: torch's default).
         timeout: seconds before the run is stopped (None: no limit); also the collectives' timeout.
         start_method: ``"spawn"`` (default, safe everywhere) or ``"fork"`` (faster, Linux, no CUDA).

@@ -8,8 +8,10 @@ it only when called.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
+import time
 from typing import Any, Iterable, Mapping
 
 STEP_COLUMNS = ("step", "epoch", "examples", "loss", "lr", "batch_size", "time", "examples_per_s", "peak_memory")
@@ -142,6 +144,15 @@ class History:
         self.events = [dict(e) for e in state.get("events", [])]
         self.target = dict(state["target"]) if state.get("target") else None
 
+    @staticmethod
+    def read(path: str | os.PathLike) -> "History":
+        """The History of a run log (``Trainer(..., log_dir=...)``), every row up to its last flush.
+
+        ``path`` is the log directory or its ``history.jsonl``. A last line cut short by a
+        killed process is skipped; the target of ``fit(until=...)`` is not logged.
+        """
+        return _read_log(path)
+
     def plot(self, x: str = "step", *, smooth: int = 0, figsize=(11, 3.4)):
         """A matplotlib Figure: training and evaluation loss, evaluation metrics, learning rate.
 
@@ -196,3 +207,112 @@ def running_mean(values: list, window: int) -> list:
 
 def _positive(values: list) -> bool:
     return bool(values) and all(v is not None and math.isfinite(v) and v > 0 for v in values)
+
+
+LOG_FILE = "history.jsonl"
+CONFIG_FILE = "config.json"
+
+
+class RunLog:
+    """An append-only record of a run on disk that outlives the process writing it.
+
+    The History's new rows are appended to ``<log_dir>/history.jsonl`` as JSON lines (one
+    ``{"steps": row}``, ``{"evals": row}`` or ``{"events": event}`` per line) and flushed to
+    the operating system at most every ``every`` seconds, and whenever ``write(..., now=True)``
+    is called (the Trainer does so at every evaluation and when a fit ends). The run's config
+    goes to ``<log_dir>/config.json``. A process killed outright (a kernel over its memory
+    limit) loses at most the rows since the last flush; :meth:`History.read` gets the rest back.
+
+    Example:
+        >>> import tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> h = History(); log = RunLog(d, {"lr": 0.1})
+        >>> h.steps.append({"step": 1, "loss": 2.5}); log.write(h, now=True)
+        >>> History.read(d).steps["loss"]
+        [2.5]
+    """
+
+    def __init__(self, log_dir: str | os.PathLike, config: Mapping[str, Any] | None = None, *, every: float = 2.0):
+        if not isinstance(every, (int, float)) or isinstance(every, bool) or not every > 0:
+            raise ValueError(f"every must be a number of seconds > 0, got {every!r}")
+        self.dir = os.fspath(log_dir)
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+            if config is not None:
+                with open(os.path.join(self.dir, CONFIG_FILE), "w") as f:
+                    json.dump(dict(config), f, indent=1, default=repr)
+            with open(os.path.join(self.dir, LOG_FILE), "a"):
+                pass
+        except OSError as err:
+            raise ValueError(f"log_dir={self.dir!r}: cannot write the run log there ({err.strerror or err})") from err
+        self.path = os.path.join(self.dir, LOG_FILE)
+        self.every = float(every)
+        self._written = {"steps": 0, "evals": 0, "events": 0}
+        self._last = time.monotonic()
+        # A log already there (a run resumed into its own log directory): this one starts over from
+        # the History it is given (a resumed trainer's holds every row up to its checkpoint).
+        self._restart = os.path.getsize(self.path) > 0
+
+    def write(self, history: "History", now: bool = False) -> None:
+        """Append the rows ``history`` gained since the last write (only every few seconds unless ``now``)."""
+        if not now and time.monotonic() - self._last < self.every:
+            return
+        self._last = time.monotonic()
+        lines = []
+        if self._restart:
+            lines.append(json.dumps({"truncate": {"steps": 0, "evals": 0, "events": 0}}))
+            self._restart = False
+        sizes = {"steps": len(history.steps), "evals": len(history.evals), "events": len(history.events)}
+        if any(sizes[k] < self._written[k] for k in sizes):
+            # The History was replaced (a checkpoint loaded): the log continues from its rows.
+            lines.append(json.dumps({"truncate": {k: min(sizes[k], self._written[k]) for k in sizes}}))
+            self._written = {k: min(sizes[k], self._written[k]) for k in sizes}
+        for kind in ("steps", "evals"):
+            table = history.steps if kind == "steps" else history.evals
+            for i in range(self._written[kind], sizes[kind]):
+                lines.append(json.dumps({kind: table.row(i)}))
+        for event in history.events[self._written["events"]:]:
+            lines.append(json.dumps({"events": event}))
+        if lines:
+            with open(self.path, "a") as f:
+                f.write("\n".join(lines) + "\n")
+        self._written = sizes
+
+
+def _read_log(path: str | os.PathLike) -> "History":
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, LOG_FILE)
+    try:
+        with open(path) as f:
+            lines = f.read().split("\n")
+    except OSError as err:
+        raise ValueError(f"{path!r}: cannot read the run log ({err.strerror or err})") from err
+    history = History()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if i == last:   # the write the process was killed in: the rows before it are complete
+                break
+            raise ValueError(f"{path!r}: line {i + 1} is not a run-log record") from None
+        if not isinstance(record, dict) or len(record) != 1:
+            raise ValueError(f"{path!r}: line {i + 1} is not a run-log record")
+        (kind, value), = record.items()
+        if kind == "steps":
+            history.steps.append(value)
+        elif kind == "evals":
+            history.evals.append(value)
+        elif kind == "events":
+            history.events.append(dict(value))
+        elif kind == "truncate":
+            history.steps.truncate(value["steps"])
+            history.evals.truncate(value["evals"])
+            del history.events[value["events"]:]
+        else:
+            raise ValueError(f"{path!r}: line {i + 1} holds an unknown record {kind!r}")
+    return history
+

@@ -935,6 +935,17 @@ def find_max_batch_size(target, data=None, *, budget=None, margin: float = 0.05,
         >>> r.batch_size
         1657
     """
+    from .trainer import Trainer
+
+    # A trainer's model is trained and restored trial by trial: no fit may run on it meanwhile.
+    hold = target.exclusive("find_max_batch_size") if isinstance(target, Trainer) else contextlib.nullcontext()
+    with hold:
+        return _find_max_batch_size(target, data, budget=budget, margin=margin, start=start, limit=limit,
+                                    round_to=round_to, steps=steps, strategy=strategy, config=config, **options)
+
+
+def _find_max_batch_size(target, data, *, budget, margin, start, limit, round_to, steps, strategy, config,
+                         **options) -> FinderResult:
     from .device import describe_device, resolve_device, resolve_precision
     from .trainer import Trainer
     if not isinstance(margin, (int, float)) or isinstance(margin, bool) or not 0 <= margin < 1:
@@ -979,13 +990,25 @@ def find_max_batch_size(target, data=None, *, budget=None, margin: float = 0.05,
                   + _unique_bytes(p.grad for p in params if p.grad is not None)
                   + (_unique_bytes(_optimizer_tensors(optimizer)) if optimizer is not None else 0))
     budget = _check_budget(budget)
+    # Ghost batch norm normalises only batches its virtual batches fit (at least virtual_batch_size
+    # examples, a multiple of it with remainder='error'): the search runs over those sizes only.
+    floor = _ghost_floor(model, base.accumulate, start)
+    if floor(limit) is None:
+        raise ValueError(f"no batch size in [start={start}, limit={limit}] suits the model's ghost batch norm "
+                         f"(virtual_batch_size={_virtual_sizes_of(model)}); raise limit")
+    start = _ghost_ceiling(model, base.accumulate, start, limit)
     _make_config(base, {"accumulate": min(base.accumulate, start)}, start)   # a bad configuration fails here
     allowed = (1 - margin) * budget
     state = _State(model, optimizer)
     trials: list[dict] = []
     t0 = time.perf_counter()
 
+    decided: dict[int, bool] = {}
+
     def fits(b: int) -> bool:
+        b = floor(b)   # the largest size ghost batch norm accepts, at most b (b itself without ghost BN)
+        if b in decided:
+            return decided[b]
         cfg = _make_config(base, {"accumulate": min(base.accumulate, b)}, b)
         try:
             row = _trial(model, x, y, cfg, optimizer=optimizer, steps=steps)
@@ -998,6 +1021,7 @@ def find_max_batch_size(target, data=None, *, budget=None, margin: float = 0.05,
         finally:
             state.restore()
         trials.append(row)
+        decided[b] = row["fits"]
         return row["fits"]
 
     try:
@@ -1027,10 +1051,50 @@ def find_max_batch_size(target, data=None, *, budget=None, margin: float = 0.05,
         if device.type == "cuda":
             gc.collect()
             torch.cuda.empty_cache()
+    lo = floor(lo)
     answer = _round_down(lo, round_to)
     if answer < 1:
         raise ValueError(f"round_to={round_to!r}: the largest fitting batch {lo} rounds down to 0")
+    if floor(answer) != answer:
+        raise ValueError(f"round_to={round_to!r}: the largest fitting batch {lo} rounds down to {answer}, which "
+                         f"the model's ghost batch norm cannot normalise; use round_to=None")
     return FinderResult(answer, lo, trials, budget, time.perf_counter() - t0, describe_device(device))
+
+
+def _virtual_sizes_of(model: nn.Module) -> list[int]:
+    return sorted({m.virtual_batch_size for m in model.modules() if hasattr(m, "virtual_sizes")})
+
+
+def _ghost_accepts(layers: list, accumulate: int, b: int) -> bool:
+    k = min(accumulate, b)
+    q, r = divmod(b, k)
+    for m in {q + 1, q} if r else {q}:   # the micro-batch sizes of a batch of b
+        for layer in layers:
+            try:
+                layer.virtual_sizes(m)
+            except ValueError:
+                return False
+    return True
+
+
+def _ghost_floor(model: nn.Module, accumulate: int, start: int):
+    """``floor(b)``: the largest batch size <= b (and >= start) the ghost layers accept, else None."""
+    layers = [m for m in model.modules() if hasattr(m, "virtual_sizes")]
+    if not layers:
+        return lambda b: b
+    cache: dict[int, int | None] = {}
+
+    def floor(b: int) -> int | None:
+        if b not in cache:
+            cache[b] = next((c for c in range(b, start - 1, -1) if _ghost_accepts(layers, accumulate, c)), None)
+        return cache[b]
+
+    return floor
+
+
+def _ghost_ceiling(model: nn.Module, accumulate: int, start: int, limit: int) -> int:
+    layers = [m for m in model.modules() if hasattr(m, "virtual_sizes")]
+    return next(c for c in range(start, limit + 1) if not layers or _ghost_accepts(layers, accumulate, c))
 
 
 def _doubling_bracket(fits, lo: int, limit: int, step: int | None = None):

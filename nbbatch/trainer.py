@@ -8,6 +8,7 @@ record. Everything else (evaluation, stopping, checkpoints) sits around it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import os
@@ -29,8 +30,8 @@ from .device import autocast_context, peak_memory_bytes, reset_peak_memory, reso
 from .diagnostics import OnlineNoiseScale, squared_grad_norm
 from .distributed import StopAgreed
 from .distributed import resolve as resolve_distributed
-from .history import History
-from .norms import warn_accumulation_with_bn
+from .history import History, RunLog
+from .norms import bn_layers, warn_accumulation_with_bn
 from .optim import ADAM_EPS, LAMB, LAMB_EPS, LARS, add_gradient_noise, gradient_noise_std, layerwise_groups
 from .memory import checkpointed
 from .schedules import Schedule, scale_lr
@@ -131,6 +132,12 @@ class Trainer:
             group of several processes), ``False``, ``True``, or an
             ``nbbatch.distributed.Distributed(...)``; see ``nbbatch.distributed``. Data-parallel,
             ``batch_size`` is the global batch and callbacks run on rank 0 only.
+        log_dir: a directory for an on-disk run log (None: none): the config, and the History's
+            rows appended as training goes (flushed every 2 s, at each evaluation and when a fit
+            ends), so ``History.read(log_dir)`` recovers a run whose process died. Data-parallel,
+            rank 0 writes it.
+        log_checkpoints: also save ``<log_dir>/checkpoint.pt`` (atomically) at every evaluation,
+            for ``Trainer.load`` after a dead kernel.
         **options: any ``TrainConfig`` field (batch_size, lr, optimizer, accumulate, ...).
 
     Example:
@@ -143,10 +150,16 @@ class Trainer:
     """
 
     def __init__(self, model: nn.Module, data, config: TrainConfig | None = None, *, eval_data=None,
-                 distributed="auto", **options):
+                 distributed="auto", log_dir: str | os.PathLike | None = None, log_checkpoints: bool = False,
+                 **options):
         # ---- validate everything before any state changes -----------------------------------
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        _check_model(model)
+        if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
+            raise TypeError(f"log_dir must be a path or None, got {type(log_dir).__name__}")
+        if not isinstance(log_checkpoints, bool) or (log_checkpoints and log_dir is None):
+            raise ValueError(f"log_checkpoints={log_checkpoints!r}: it must be True or False, and True needs a log_dir")
         if config is not None and not isinstance(config, TrainConfig):
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
         if isinstance(data, DataLoader) and config is None and "batch_size" not in options:
@@ -174,7 +187,14 @@ class Trainer:
             {"accuracy": accuracy} if cfg.loss == "cross_entropy" else {})
         sample = train_xy if train_xy is not None else _first_batch(data)
         _check_fit(model, loss_fn, cfg.loss, sample[0][:2], sample[1][:2],
-                   all_labels=train_xy[1] if train_xy is not None else None)
+                   all_labels=train_xy[1] if train_xy is not None else None, metrics=metrics)
+        # Batch norm that cannot normalise every batch is refused now; one that cannot normalise only
+        # the short last batch of an epoch is refused by the fit or step that would reach it (before
+        # it starts), so a trainer that takes a few steps stays possible. Data-parallel, each rank
+        # normalises its own share: not checked here.
+        every_batch, last_batch = _batch_norm_problems(model, n_train, cfg, data) if dist_ctx is None else (None, None)
+        if every_batch is not None:
+            raise ValueError(every_batch)
         optimizer = _build_optimizer(cfg, model.parameters())   # a bad factory fails here, before any change
         checkpointed(model, cfg.checkpoint_segments)  # checks the option (an nn.Sequential is needed)
         if dist_ctx is not None:   # the split and the agreement of all ranks, still before any change
@@ -182,13 +202,27 @@ class Trainer:
             dist_ctx.check(cfg, n_train, model, device, source, train_xy)
 
         # ---- build --------------------------------------------------------------------------
+        # Building reseeds and draws from the global generators and moves the model: should any
+        # of it still fail, the generators are put back, so a failed construction changes nothing.
+        rng = _rng_state()
+        try:
+            self._build(model, data, cfg, dist_ctx, device, precision, train_xy, eval_xy, spec, loss_fn,
+                        metrics, optimizer, log_dir)
+        except BaseException:
+            _set_rng_state(rng)
+            raise
+        self._last_batch_problem = last_batch
+        self._log_checkpoint = os.path.join(os.fspath(log_dir), "checkpoint.pt") if log_checkpoints else None
+
+    def _build(self, model, data, cfg, dist_ctx, device, precision, train_xy, eval_xy, spec, loss_fn,
+               metrics, optimizer, log_dir) -> None:
         # Accumulating over batch norm normalises each micro-batch on its own: say so, once. Without
         # accumulation the online noise scale splits its measured steps in two halves: the same caveat.
         if cfg.accumulate == 1 and cfg.noise_scale_every is not None:
-            warn_accumulation_with_bn(model, cfg.batch_size, 2, stacklevel=2,
+            warn_accumulation_with_bn(model, cfg.batch_size, 2, stacklevel=3,
                                       cause=f"noise_scale_every={cfg.noise_scale_every} (measured steps run as two half-batches)")
         else:
-            warn_accumulation_with_bn(model, cfg.batch_size, cfg.accumulate, stacklevel=2)
+            warn_accumulation_with_bn(model, cfg.batch_size, cfg.accumulate, stacklevel=3)
         self.config = cfg
         self.device = device
         self.precision = precision
@@ -200,7 +234,11 @@ class Trainer:
             data_seed = dist_ctx.shared_seed(data_seed)   # one permutation for all ranks
             model = dist_ctx.convert_batchnorm(model)
         before = list(model.parameters())
-        self.model = model.to(device)
+        try:
+            self.model = model.to(device)
+        except NotImplementedError as err:   # e.g. a tensor without data that slipped past the checks
+            raise ValueError(f"model: it cannot be moved to {device} ({err}); give a model whose parameters "
+                             f"and buffers hold data") from err
         if train_xy is not None:
             self._train = TensorBatches(train_xy[0], train_xy[1], device, cfg.batch_size, cfg.drop_last,
                                         data_seed, on_device=cfg.data_on_device)
@@ -253,6 +291,14 @@ class Trainer:
             # without replacement; None (McCandlish's 1/B) where the source does not say.
             self._noise = OnlineNoiseScale(cfg.noise_scale_every, cfg.noise_scale_smoothing,
                                            population=_sampled_population(data, n_train))
+        self.error: BaseException | None = None   # the exception that ended the last fit as 'failed'
+        self._busy = threading.Lock()              # one fit / step / lr_find at a time
+        self._busy_what: str | None = None
+        self._busy_thread: int | None = None
+        self._eval_pending = False                 # an evaluation due at step_count was not recorded
+        self._log = None
+        if log_dir is not None and (dist_ctx is None or dist_ctx.is_main):   # data-parallel: rank 0 writes
+            self._log = RunLog(log_dir, cfg.to_dict())
 
     # ------------------------------------------------------------------ small public surface
     @property
@@ -267,7 +313,13 @@ class Trainer:
     def add_callback(self, event: str, fn: Callable[["Trainer", dict], Any]) -> None:
         """Call ``fn(trainer, row)`` on ``event``: fit_start, step_end, eval_end or fit_end.
 
-        ``row`` is the history row just recorded (empty for fit_start/fit_end).
+        ``row`` is the history row just recorded (empty for fit_start; ``{"reason": ...}`` for
+        fit_end, with ``"error"`` when the fit failed). At an evaluation step, eval_end runs
+        before that step's step_end. A callback may read the trainer and call
+        ``request_stop()``, ``reschedule()``, ``evaluate()``, ``state_dict()`` and ``save()``
+        (a checkpoint saved from any callback resumes exactly); ``fit``, ``step``, ``lr_find``
+        and ``load_state_dict`` raise a RuntimeError there, as they do from another thread
+        while a fit runs. An exception a callback raises ends the fit as failed.
         """
         if event not in EVENTS:
             raise ValueError(f"event={event!r} is not known; use one of {EVENTS}")
@@ -405,7 +457,11 @@ class Trainer:
             last = i == k - 1
             with self._sync(last):                            # data-parallel: all-reduce on the last only
                 with self._autocast:
-                    loss = self.loss_fn(self._net(xm), ym)
+                    try:
+                        loss = self.loss_fn(self._net(xm), ym)
+                    except (IndexError, RuntimeError) as err:
+                        self._check_batch_labels(ym, err)   # a clearer error for a label out of range
+                        raise
                 if k > 1 or world > 1:
                     # Each micro-batch loss is a mean over its m examples; weighting it by m/n makes the
                     # summed gradients those of the mean over all n examples, so K micro-batches give
@@ -478,9 +534,23 @@ class Trainer:
         if noise is not None:
             row.update(noise)
         self.history.steps.append(row)
-        if self._callbacks["step_end"]:
-            self._trigger("step_end", row)
         return row
+
+    def _check_batch_labels(self, y: torch.Tensor, err: BaseException) -> None:
+        if self.config.loss != "cross_entropy" or y.dtype != torch.int64 or y.numel() == 0:
+            return
+        classes = None
+        for module in reversed(list(self.model.modules())):   # the last layer's width, when it says
+            classes = getattr(module, "out_features", None)
+            if classes is not None:
+                break
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or (hi >= classes if classes is not None else "out of bounds" in str(err)):
+            raise ValueError(f"data: the batch of step {self.step_count + 1} (epoch {self.epoch}, batch "
+                             f"{self.batch_in_epoch}) has labels in [{lo}, {hi}]"
+                             + (f" but the model has {classes} outputs" if classes is not None else "")
+                             + f"; class indices must lie in [0, classes - 1]. The trainer is still at step "
+                             f"{self.step_count} ({err})") from err
 
     def _sync(self, last: bool):
         return self._dist.sync_context(self._net, last) if self._dist is not None else contextlib.nullcontext()
@@ -513,19 +583,65 @@ class Trainer:
             step=self.step_count + 1, lr=lr, loss=loss_value)
 
     def step(self) -> dict:
-        """Run exactly one optimizer step (for interactive use) and return its history row."""
-        self._stop_requested = False
-        self._get_schedule(self._horizon)
-        return self._guarded_step()
+        """Run exactly one optimizer step (for interactive use) and return its history row.
+
+        The ``step_end`` callbacks run after it; no evaluation is made.
+        """
+        with self.exclusive("step"):
+            self._check_last_batch(1)
+            self._stop_requested = False
+            self._eval_pending = False   # a step moves on: an evaluation missed at the last step stays missed
+            self._get_schedule(self._horizon)
+            row = self._guarded_step()
+            self._trigger("step_end", row)
+            return row
+
+    def _refuse_from_another_thread(self, what: str) -> None:
+        busy, thread = self._busy_what, self._busy_thread
+        if busy is not None and thread != threading.get_ident():
+            raise RuntimeError(f"{what}: this trainer is running {busy}() in another thread; call it from a "
+                               f"callback (add_callback('step_end', ...)), or after that call returns")
+
+    def _check_last_batch(self, steps: int) -> None:
+        """Refuse ``steps`` more steps when they reach a last batch that batch norm cannot normalise."""
+        if self._last_batch_problem is not None and steps >= self.steps_per_epoch - self.batch_in_epoch:
+            raise ValueError(self._last_batch_problem)
+
+    @contextlib.contextmanager
+    def exclusive(self, what: str):
+        """Hold the trainer for one training call (``fit``, ``step``, ``lr_find``, ...).
+
+        A second such call while one runs, from another thread or from a callback, is refused
+        with a RuntimeError instead of interleaving two runs' steps on one model. ``fit``,
+        ``step`` and ``load_state_dict`` take it themselves; a tool that trains and then
+        undoes its steps (``lr_find``) holds it around its work.
+        """
+        if not self._busy.acquire(blocking=False):
+            where = "from one of its callbacks" if self._busy_thread == threading.get_ident() else "in another thread"
+            raise RuntimeError(f"{what}: this trainer is already running {self._busy_what}() ({where}); one fit, "
+                               f"step or lr_find at a time. A callback may read the trainer and call request_stop(), "
+                               f"reschedule(), evaluate(), state_dict() or save(); from another thread, call "
+                               f"request_stop() and wait for the running call to return")
+        self._busy_what, self._busy_thread = what, threading.get_ident()
+        try:
+            yield self
+        finally:
+            self._busy_what = self._busy_thread = None
+            self._busy.release()
 
     def _guarded_step(self) -> dict:
+        # The step may draw from the global generators (dropout, gradient noise): a step that does
+        # not complete gives back what it drew, so a resumed run draws the same numbers.
+        rng = torch.default_generator.get_state()   # ~4 us on the CPU (a 5 KB copy)
+        cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         try:
             return self._train_step()
-        except DivergenceError:
-            raise
         except BaseException:
-            # An interrupt or out-of-memory error inside the step: no update happened unless the
+            # An interrupt, an error or a divergence inside the step: no update happened unless the
             # optimizer itself was interrupted; drop partial gradients and re-read the batch.
+            torch.default_generator.set_state(rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state(cuda_rng, self.device)
             self.optimizer.zero_grad(set_to_none=True)
             self._batches = None
             if self.scaler is not None:
@@ -557,10 +673,26 @@ class Trainer:
         the default shows it in a terminal, or wherever ``NBBATCH_PROGRESS=1``, and never
         outside the main thread or with ``NBBATCH_PROGRESS=0`` (headless runs); data-parallel,
         only rank 0 shows it.
+
+        Any other exception (from the loss, a metric, the data or a callback) ends the run as
+        ``failed``: the event and ``trainer.error`` keep it, ``fit_end`` callbacks get
+        ``reason='failed'`` and ``error``, the trainer stays at its last completed step, and
+        ``fit()`` continues the run once the cause is fixed. The exception is re-raised.
+
+        At an evaluation step the evaluation is recorded before the ``step_end`` callbacks run,
+        so a checkpoint saved from any callback holds everything up to that step. Callbacks may
+        read the trainer and call ``request_stop()``, ``reschedule()``, ``evaluate()``,
+        ``state_dict()`` and ``save()``; ``fit``, ``step``, ``lr_find`` and ``load_state_dict``
+        are refused while a fit runs (one at a time, from any thread).
         """
+        with self.exclusive("fit"):
+            return self._fit(epochs, steps, until, progress)
+
+    def _fit(self, epochs, steps, until, progress) -> History:
         if progress is not None and not isinstance(progress, bool):
             raise TypeError(f"progress must be True, False or None, got {progress!r}")
         end, target = self._plan(epochs, steps, until)
+        self._check_last_batch(end - self.step_count)
         horizon = self._horizon if self._horizon is not None else end
         schedule = self._schedule if self._schedule is not None else self._build_schedule(horizon)
         if schedule.warmup != "none" and schedule.warmup_steps > horizon:
@@ -571,16 +703,20 @@ class Trainer:
         self._plan_end, self._plan_until = end, target
         self._stop_requested = False
         self._interrupted = False
+        self.error = None
         reset_peak_memory(self.device)
         # before the handler: if it fails, none is left installed; data-parallel, on rank 0 only (as prints are)
         bar = _progress_bar(progress, end - self.step_count) if self.is_main_process else None
         previous_handler = self._install_interrupt_handler()
-        reason = "completed"
+        reason, error = "failed", None   # until the loop says otherwise
         try:
             self._trigger("fit_start", {})
-            last_eval_step = self.history.evals["step"][-1] if len(self.history.evals) else None
             eval_every = self.config.eval_every
             can_eval = self._eval_data is not None
+            if self._eval_pending and can_eval:
+                self._record_eval()   # the last run stopped inside the evaluation of its last step
+            self._eval_pending = False
+            reason = None
             while self.step_count < end:
                 if self._stop_requested and self._dist is None:
                     reason = "interrupted" if self._interrupted else "stopped"
@@ -595,28 +731,32 @@ class Trainer:
                     bar.update(1)
                     if self.step_count % 50 == 0:
                         bar.set_postfix(loss=f"{row['loss']:.4g}", refresh=False)
-                if target is not None and target.metric == "loss" and target.reached(row["loss"]):
+                reached = target is not None and target.metric == "loss" and target.reached(row["loss"])
+                # Evaluate at every eval_every steps (or epoch end), at the last step and where a loss
+                # target is reached, before step_end: a checkpoint from any callback holds this row.
+                due = (self.step_count % eval_every == 0) if eval_every else self.epoch != epoch_before
+                if can_eval and (due or reached or self.step_count >= end):
+                    self._eval_pending = True   # until recorded: a failure here leaves it for the next fit
+                    ev = self._record_eval()
+                    if target is not None and target.metric in ev and target.reached(ev[target.metric]):
+                        reached = True
+                if self._log is not None:
+                    self._log.write(self.history)   # at most every few seconds
+                self._trigger("step_end", row)
+                if reached:
                     reason = "target"
                     break
-                due = (self.step_count % eval_every == 0) if eval_every else self.epoch != epoch_before
-                if due and can_eval:
-                    ev = self._record_eval()
-                    last_eval_step = self.step_count
-                    if target is not None and target.metric in ev and target.reached(ev[target.metric]):
-                        reason = "target"
-                        break
             else:
                 reason = "completed"
-            # A stop is a pause: no extra evaluation, so a resumed run records what an uninterrupted one does.
-            if self._eval_data is not None and last_eval_step != self.step_count and reason in ("completed", "target"):
-                ev = self._record_eval()
-                if reason == "completed" and target is not None and target.metric in ev and target.reached(ev[target.metric]):
-                    reason = "target"
         except KeyboardInterrupt:
             reason = "interrupted"
             raise
         except DivergenceError:
             reason = "diverged"
+            raise
+        except BaseException as err:   # anything else: the run failed; it stays resumable
+            reason, error = "failed", err
+            self.error = err
             raise
         finally:
             if bar is not None:
@@ -625,16 +765,19 @@ class Trainer:
             if reason in ("completed", "target"):
                 self._plan_end = None
             if reason != "diverged":
-                self.history.events.append({"step": self.step_count, "event": reason, "detail": ""})
+                detail = "" if error is None else f"{type(error).__name__}: {error}"[:500]
+                self.history.events.append({"step": self.step_count, "event": reason, "detail": detail})
             if target is not None:
                 self.history.target = {"metric": target.metric, "value": target.value, "mode": target.mode,
                                        "reached": reason == "target", "step": self.step_count if reason == "target" else None}
-            self._trigger("fit_end", {"reason": reason})
+            if self._log is not None:
+                self._log.write(self.history, now=True)
+            end_row = {"reason": reason} if error is None else {"reason": reason, "error": error}
+            self._trigger("fit_end", end_row)
         if reason == "interrupted":
             raise KeyboardInterrupt(f"training interrupted after step {self.step_count}; "
                                     f"the trainer is consistent: call fit() to continue")
         return self.history
-
     def _plan(self, epochs, steps, until) -> tuple[int, Target | None]:
         given = [name for name, v in (("epochs", epochs), ("steps", steps)) if v is not None]
         if len(given) == 2:
@@ -697,8 +840,11 @@ class Trainer:
         """Loss and metrics of the model on ``data`` (default: the evaluation set).
 
         ``data`` may be ``"train"``, ``"eval"``, a pair ``(x, y)`` of tensors or a Dataset.
-        The model is put in eval mode and restored afterwards; nothing is recorded.
+        The model is put in eval mode and restored afterwards; nothing is recorded. Refused from
+        another thread while a fit or step runs (its eval mode would reach the training step);
+        a callback may call it.
         """
+        self._refuse_from_another_thread("evaluate")
         if data is None or (isinstance(data, str) and data == "eval"):
             if self._eval_data is None:
                 raise ValueError("evaluate: this trainer has no evaluation data; pass eval_data= to the Trainer "
@@ -754,6 +900,11 @@ class Trainer:
                "examples": self.examples_seen, "time": self.train_time}
         row.update({f"eval_{k}": v for k, v in result.items()})
         self.history.evals.append(row)
+        self._eval_pending = False   # recorded: a checkpoint from eval_end must not evaluate again
+        if self._log is not None:
+            self._log.write(self.history, now=True)
+        if self._log_checkpoint is not None:
+            self.save(self._log_checkpoint)   # every rank calls it; rank 0 writes
         self._trigger("eval_end", row)
         return row
 
@@ -763,7 +914,10 @@ class Trainer:
 
         As with ``nn.Module.state_dict``, the tensors are the live ones: ``copy.deepcopy`` the
         result to keep an in-memory snapshot while training goes on (``save`` writes a copy).
+        Refused from another thread while a fit runs (it would catch a step half done); a
+        callback may call it.
         """
+        self._refuse_from_another_thread("state_dict")
         return {
             "version": CHECKPOINT_VERSION,
             "config": self.config.to_dict(),
@@ -775,6 +929,7 @@ class Trainer:
                 "examples": self.examples_seen, "train_time": self.train_time, "data_seed": self._data_seed,
                 "horizon": self._horizon, "plan_end": self._plan_end,
                 "plan_until": dataclasses.asdict(self._plan_until) if self._plan_until else None,
+                "eval_pending": self._eval_pending,
             },
             "history": self.history.state_dict(),
             "rng": {"torch": torch.get_rng_state(),
@@ -783,41 +938,113 @@ class Trainer:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a ``state_dict`` (model, optimizer, progress, history and RNG)."""
+        """Restore a ``state_dict`` (model, optimizer, progress, history and RNG).
+
+        The whole state is read and checked first: a state that does not fit (another model,
+        a damaged history, missing progress) raises a ValueError and changes nothing.
+        Refused while a fit or step runs (from a callback or another thread).
+        """
+        if self._busy_thread == threading.get_ident() and self._busy_what not in (None, "fit", "step"):
+            return self._load_state(state)   # the holder (lr_find) putting back what it changed
+        with self.exclusive("load_state_dict"):
+            self._load_state(state)
+
+    def _load_state(self, state: Mapping[str, Any]) -> None:
+        # ---- parse and check everything; nothing below this block may fail on the state's content
+        if not isinstance(state, Mapping):
+            raise ValueError(f"state must be a dict from Trainer.state_dict, got {type(state).__name__}")
         missing = {"model", "optimizer", "progress", "history"} - set(state)
         if missing:
             raise ValueError(f"state is not an nbbatch trainer state: missing {sorted(missing)}")
-        if state.get("version", CHECKPOINT_VERSION) > CHECKPOINT_VERSION:
-            raise ValueError(f"state has version {state['version']}; this nbbatch reads up to {CHECKPOINT_VERSION}")
+        version = state.get("version", CHECKPOINT_VERSION)
+        if not isinstance(version, int) or version > CHECKPOINT_VERSION:
+            raise ValueError(f"state has version {version!r}; this nbbatch reads up to {CHECKPOINT_VERSION}")
         p = state["progress"]
+        if not isinstance(p, Mapping):
+            raise ValueError("state['progress'] must be a dict")
+        counts = ("step", "epoch", "batch_in_epoch", "examples", "data_seed")
+        absent = [k for k in (*counts, "train_time", "horizon", "plan_end") if k not in p]
+        if absent:
+            raise ValueError(f"state['progress'] lacks {absent}; it was not written by Trainer.state_dict")
+        bad = [k for k in counts if isinstance(p[k], bool) or not isinstance(p[k], int) or p[k] < 0]
+        bad += [k for k in ("horizon", "plan_end") if p[k] is not None and (not isinstance(p[k], int) or p[k] < 0)]
+        if isinstance(p["train_time"], bool) or not isinstance(p["train_time"], (int, float)):
+            bad.append("train_time")
+        if bad:
+            raise ValueError(f"state['progress']: {[(k, p[k]) for k in bad]} are not valid counts")
+        if p["batch_in_epoch"] >= self.steps_per_epoch:
+            raise ValueError(f"state['progress']: batch_in_epoch={p['batch_in_epoch']} but an epoch of this "
+                             f"trainer has {self.steps_per_epoch} batches; load it into the run it was saved from")
+        try:
+            plan_until = Target(**p["plan_until"]) if p.get("plan_until") else None
+            history = History()
+            history.load_state_dict(state["history"])
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ValueError(f"state: its progress or history is damaged ({type(err).__name__}: {err})") from None
+        if len(history.steps) and history.steps["step"][-1] != p["step"]:
+            raise ValueError(f"state: its history ends at step {history.steps['step'][-1]} but its progress is at "
+                             f"step {p['step']}")
         # Module.load_state_dict copies the tensors that fit before it reports those that do not:
         # check every name and shape first, so a state for another model changes nothing.
         current, saved = self.model.state_dict(), state["model"]
+        if not isinstance(saved, Mapping):
+            raise ValueError("state['model'] must be a model's state_dict")
         wrong = sorted(set(current) ^ set(saved)) + [
             k for k in current if k in saved and getattr(saved[k], "shape", None) != getattr(current[k], "shape", None)]
         if wrong:
             raise ValueError(f"state: its model does not fit this trainer's model (names or shapes differ at "
                              f"{wrong[:5]}); load it into the model it was saved from")
-        self.optimizer.load_state_dict(state["optimizer"])   # checks its groups before it changes anything
-        self.model.load_state_dict(saved)
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
+        opt = state["optimizer"]
+        groups = opt.get("param_groups") if isinstance(opt, Mapping) else None
+        if (not isinstance(groups, list) or not isinstance(opt.get("state"), Mapping)
+                or [len(g.get("params", ())) for g in groups] != [len(g["params"]) for g in self.optimizer.param_groups]):
+            raise ValueError("state['optimizer'] does not fit this trainer's optimizer (its parameter groups differ)")
+        # Per-parameter buffers (momentum, Adam's moments) must have their parameter's shape, or the
+        # next step fails (or broadcasts silently) after everything was loaded.
+        shapes = {i: p.shape for i, p in enumerate(self._params)}
+        for key, entry in opt["state"].items():
+            shape = shapes.get(key) if isinstance(key, int) else None
+            if shape is None or not isinstance(entry, Mapping):
+                raise ValueError(f"state['optimizer']: its state for parameter {key!r} fits no parameter of this trainer")
+            odd = [name for name, v in entry.items() if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != shape]
+            if odd:
+                raise ValueError(f"state['optimizer']: {odd} of parameter {key} have a shape other than the "
+                                 f"parameter's {tuple(shape)}")
+        rng = state.get("rng") or {}
+        reference = torch.get_rng_state()
+        cpu_rng = rng.get("torch") if isinstance(rng, Mapping) else None
+        if cpu_rng is not None and not (isinstance(cpu_rng, torch.Tensor) and cpu_rng.dtype == torch.uint8
+                                        and cpu_rng.shape == reference.shape):
+            raise ValueError("state['rng']['torch'] is not a CPU generator state")
+        scaler = state.get("scaler")
+        if scaler is not None and not isinstance(scaler, Mapping):
+            raise ValueError("state['scaler'] must be a GradScaler state_dict or None")
+
+        # ---- apply (the optimizer first: it checks itself; should the model still fail, undo it)
+        before = copy.deepcopy(self.optimizer.state_dict())
+        self.optimizer.load_state_dict(opt)
+        try:
+            self.model.load_state_dict(saved)
+        except BaseException:
+            self.optimizer.load_state_dict(before)
+            raise
+        if self.scaler is not None and scaler:
+            self.scaler.load_state_dict(scaler)
         self.step_count, self.epoch, self.batch_in_epoch = p["step"], p["epoch"], p["batch_in_epoch"]
         self.examples_seen, self.train_time = p["examples"], p["train_time"]
         self._data_seed = p["data_seed"]
         self._train.seed = p["data_seed"]
         self._horizon, self._plan_end = p["horizon"], p["plan_end"]
-        self._plan_until = Target(**p["plan_until"]) if p.get("plan_until") else None
+        self._plan_until = plan_until
+        self._eval_pending = bool(p.get("eval_pending", False))
         self._schedule = None
         self._current_lr = None
         self._batches = None
-        self.history = History()
-        self.history.load_state_dict(state["history"])
+        self.history = history
         if self._noise is not None:
             self._noise.rebuild(self.history.steps)
-        rng = state.get("rng") or {}
-        if rng.get("torch") is not None:
-            torch.set_rng_state(rng["torch"].cpu())
+        if cpu_rng is not None:
+            torch.set_rng_state(cpu_rng.cpu())
         if rng.get("cuda") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
 
@@ -828,6 +1055,7 @@ class Trainer:
         rank and calling it on rank 0 alone both work; ``Trainer.load`` waits for all ranks
         before it reads, so a file saved just before is complete.
         """
+        self._refuse_from_another_thread("save")   # it would catch a step half done
         if self._dist is not None and not self._dist.is_main:
             return
         path = os.fspath(path)
@@ -847,6 +1075,7 @@ class Trainer:
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module, data=None, *, eval_data=None, distributed="auto",
+             log_dir: str | os.PathLike | None = None, log_checkpoints: bool = False,
              **overrides) -> "Trainer":
         """Rebuild a trainer from a checkpoint written by ``save`` and continue with ``fit()``.
 
@@ -854,19 +1083,33 @@ class Trainer:
         unpickled is refused. ``data`` may be left out when the run used a built-in dataset.
         Options that were custom callables (optimizer factory, loss, metrics) must be passed again.
         A data-parallel run resumes on any number of processes (every rank reads the file).
+        ``log_dir`` (and ``log_checkpoints``) start a run log (see ``Trainer``) holding the
+        checkpoint's History and what follows.
         """
         ctx = resolve_distributed(distributed)
         if ctx is not None:
             ctx.barrier()   # rank 0 may have just written the file
         state = read_checkpoint(path)
-        cfg = TrainConfig.from_dict(state["config"], **overrides)
+        if not isinstance(state.get("config"), Mapping):
+            raise ValueError(f"{os.fspath(path)!r}: the checkpoint has no config, so Trainer.load cannot rebuild "
+                             f"the trainer; build it with Trainer(model, data, ...) and call "
+                             f"load_state_dict(nbbatch.trainer.read_checkpoint(path))")
+        try:
+            cfg = TrainConfig.from_dict(state["config"], **overrides)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{os.fspath(path)!r}: the checkpoint's config cannot be used: {err}") from err
         if data is None:
             spec = state.get("data_spec")
-            if spec is None:
-                raise ValueError("the checkpoint's data was not a built-in dataset: pass data=... to Trainer.load")
+            if not isinstance(spec, Mapping) or not isinstance(spec.get("kwargs", {}), Mapping):
+                raise ValueError(f"{os.fspath(path)!r}: the checkpoint's data was not a built-in dataset: pass "
+                                 f"data=... to Trainer.load")
             from .data import load_dataset
-            data = load_dataset(spec)
-        trainer = cls(model, data, cfg, eval_data=eval_data, distributed=distributed)
+            # A checkpoint names the data, not where it is kept: the dataset is read (or made) in
+            # this user's cache, never in a directory the file names.
+            kwargs = {k: v for k, v in (spec.get("kwargs") or {}).items() if k != "cache_dir"}
+            data = load_dataset({**spec, "kwargs": kwargs})
+        trainer = cls(model, data, cfg, eval_data=eval_data, distributed=distributed, log_dir=log_dir,
+                      log_checkpoints=log_checkpoints)
         trainer.load_state_dict(state)
         return trainer
 
@@ -913,12 +1156,25 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     """Load a checkpoint safely (``weights_only=True``) onto the CPU."""
     import pickle
 
+    path = os.fspath(path)
     try:
-        state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError) as err:
-        raise ValueError(f"{os.fspath(path)!r} is not a safe nbbatch checkpoint (refused to unpickle: {err})") from err
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as err:
+        raise type(err)(err.errno, f"cannot read the checkpoint ({err.strerror})", path) from None
+    except pickle.UnpicklingError as err:
+        # torch's message suggests weights_only=False, which would run whatever code the file holds:
+        # never pass that advice on.
+        if "global" not in str(err).lower():   # not a refused object: bytes that are no pickle at all
+            raise ValueError(f"{path!r} is not a readable nbbatch checkpoint (damaged, truncated or another kind "
+                             f"of file)") from None
+        raise ValueError(f"{path!r} is not a safe nbbatch checkpoint: it holds objects other than tensors and "
+                         f"plain values, so it was not unpickled. Load only checkpoints written by Trainer.save "
+                         f"from a source you trust") from None
+    except (RuntimeError, AttributeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError) as err:
+        raise ValueError(f"{path!r} is not a readable nbbatch checkpoint (damaged, truncated or another kind of "
+                         f"file: {type(err).__name__})") from None
     if not isinstance(state, dict) or "model" not in state or "progress" not in state:
-        raise ValueError(f"{os.fspath(path)!r} is not an nbbatch checkpoint")
+        raise ValueError(f"{path!r} is not an nbbatch checkpoint")
     return state
 
 
@@ -1055,7 +1311,10 @@ def _sampled_population(data, n_train: int | None) -> int | None:
 
 def _first_batch(data):
     if isinstance(data, DataLoader):
-        batch = next(iter(data))
+        # A shuffling loader draws its order (and its workers' base seed) from the global
+        # generator: a look at its first batch must leave that generator where it was.
+        with torch.random.fork_rng(devices=[]):
+            batch = next(iter(data))
         return batch[0], batch[1]
     items = [data[i] for i in range(min(2, len(data)))]
     xs = torch.stack([torch.as_tensor(it[0]) for it in items])
@@ -1063,20 +1322,94 @@ def _first_batch(data):
     return xs, ys
 
 
+def _rng_state() -> tuple:
+    """The global CPU generator's state, and the CUDA generators' where CUDA is in use."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _check_model(model: nn.Module) -> None:
+    """A model the Trainer can move and train: tensors with data, something to train."""
+    empty = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if empty:
+        raise ValueError(f"model: {empty[:3]} are on the meta device (shapes without data), so the model cannot "
+                         f"be trained or moved; materialise it first (model.to_empty(device='cpu') and initialise "
+                         f"the parameters, or build it outside torch.device('meta'))")
+    params = list(model.parameters())
+    if not params:
+        raise ValueError("model has no parameters to train")
+    if not any(p.requires_grad for p in params):
+        raise ValueError(f"model: none of its {len(params)} parameters is trainable (all have requires_grad=False); "
+                         f"unfreeze some (p.requires_grad_(True)) before training")
+
+
+def _split_sizes(n: int, k: int) -> list[int]:
+    # The sizes tensor_split(batch of n, k) gives, as the step splits a batch into micro-batches.
+    k = min(k, n)
+    q, r = divmod(n, k)
+    return [q + 1] * r + [q] * (k - r)
+
+
+def _batch_norm_problems(model: nn.Module, n_train: int | None, cfg: TrainConfig, data) -> tuple[str | None, str | None]:
+    """What batch norm cannot normalise: (in every batch, in the short last batch of an epoch), or None."""
+    layers = [m for _, m in bn_layers(model)]
+    if not layers or n_train is None:
+        return None, None
+    if isinstance(data, DataLoader):
+        batch, drop_last = data.batch_size, data.drop_last
+    else:
+        batch, drop_last = cfg.batch_size, cfg.drop_last
+    if batch is None:
+        return None, None
+    last = n_train % batch
+    splits = [cfg.accumulate] + ([2] if cfg.noise_scale_every is not None and cfg.accumulate == 1 else [])
+    ghost = any(hasattr(layer, "virtual_sizes") for layer in layers)
+
+    def problem(b: int) -> str | None:
+        what = f"the last batch of each epoch ({b} of {n_train} examples)" if b != batch else f"a batch of {b}"
+        fix = ("pass drop_last=True to skip the short last batch" if b != batch
+               else "use a larger batch_size or fewer accumulation steps")
+        for k in splits:
+            for m in sorted(set(_split_sizes(b, k))):
+                part = what if m == b else f"{what}, split into micro-batches of {m},"
+                if m < 2 and not ghost:
+                    return (f"batch_size={batch}: {part} leaves batch norm one example to normalise, which it "
+                            f"cannot; {fix}")
+                for layer in layers:
+                    if hasattr(layer, "virtual_sizes"):   # ghost batch norm: its virtual batches must fit
+                        try:
+                            layer.virtual_sizes(m)
+                        except ValueError as err:
+                            return f"batch_size={batch}: ghost batch norm cannot normalise {part}: {err}; {fix}"
+        return None
+
+    return problem(batch), (problem(last) if last and not drop_last else None)
+
+
 @torch.no_grad()
-def _check_fit(model: nn.Module, loss_fn, loss_name, x: torch.Tensor, y: torch.Tensor, all_labels=None) -> None:
-    """Run two examples through the model (eval mode, nothing updated) and the loss."""
-    try:
-        device = next(model.parameters()).device
-    except StopIteration:
-        raise ValueError("model has no parameters to train") from None
+def _check_fit(model: nn.Module, loss_fn, loss_name, x: torch.Tensor, y: torch.Tensor, all_labels=None,
+               metrics: Mapping[str, Callable] | None = None) -> None:
+    """Run two examples through the model (eval mode, nothing updated), the loss and the metrics."""
+    param = next(model.parameters())
+    device = param.device
     was_training = model.training
     model.eval()
     try:
         try:
             out = model(x.to(device))
         except Exception as err:
-            raise ValueError(f"data: the model cannot take inputs of shape {tuple(x.shape[1:])} "
+            dtypes = ""
+            if x.is_floating_point() and param.is_floating_point() and x.dtype != param.dtype:
+                dtypes = (f"the model's parameters are {param.dtype} but the inputs are {x.dtype}: convert one "
+                          f"to the other (model.to({x.dtype}) or the inputs to {param.dtype}). ")
+            raise ValueError(f"data: {dtypes}the model cannot take inputs of shape {tuple(x.shape[1:])} "
                              f"(per example): {err}") from err
         y = y.to(device)
         if loss_name == "cross_entropy":
@@ -1095,9 +1428,27 @@ def _check_fit(model: nn.Module, loss_fn, loss_name, x: torch.Tensor, y: torch.T
                 raise ValueError(f"labels of shape {tuple(y.shape)} do not fit the model's output of shape "
                                  f"{tuple(out.shape)} for the mse loss")
         try:
-            loss_fn(out, y)
+            loss = loss_fn(out, y)
         except Exception as err:
             raise ValueError(f"labels of shape {tuple(y.shape)} do not fit the model's output of shape "
                              f"{tuple(out.shape)}: {err}") from err
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.is_floating_point():
+            what = (f"a tensor of shape {tuple(loss.shape)} and dtype {loss.dtype}" if isinstance(loss, torch.Tensor)
+                    else f"a {type(loss).__name__}")
+            raise ValueError(f"loss: it returned {what}; the loss must return one floating-point number as a "
+                             f"tensor (reduce a per-example loss with .mean())")
+        for name, fn in (metrics or {}).items():
+            try:
+                value = fn(out, y)
+            except Exception as err:
+                raise ValueError(f"metrics[{name!r}]: it failed on the model's output of shape {tuple(out.shape)} "
+                                 f"and labels of shape {tuple(y.shape)}: {err}") from err
+            ok = (isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex()) or (
+                isinstance(value, (int, float)) and not isinstance(value, bool))
+            if not ok:
+                what = (f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor)
+                        else f"{type(value).__name__} {value!r}"[:80])
+                raise ValueError(f"metrics[{name!r}]: it returned {what}; a metric must return one number "
+                                 f"(a float or a one-element tensor)")
     finally:
         model.train(was_training)
