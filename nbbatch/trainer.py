@@ -207,7 +207,7 @@ class Trainer:
         rng = _rng_state()
         try:
             self._build(model, data, cfg, dist_ctx, device, precision, train_xy, eval_xy, spec, loss_fn,
-                        metrics, optimizer, log_dir)
+                        metrics, optimizer, log_dir, _sampled_population(data, n_train))
         except BaseException:
             _set_rng_state(rng)
             raise
@@ -215,7 +215,7 @@ class Trainer:
         self._log_checkpoint = os.path.join(os.fspath(log_dir), "checkpoint.pt") if log_checkpoints else None
 
     def _build(self, model, data, cfg, dist_ctx, device, precision, train_xy, eval_xy, spec, loss_fn,
-               metrics, optimizer, log_dir) -> None:
+               metrics, optimizer, log_dir, population) -> None:
         # Accumulating over batch norm normalises each micro-batch on its own: say so, once. Without
         # accumulation the online noise scale splits its measured steps in two halves: the same caveat.
         if cfg.accumulate == 1 and cfg.noise_scale_every is not None:
@@ -290,7 +290,7 @@ class Trainer:
             # The finite-population correction needs N, the examples each global batch is drawn from
             # without replacement; None (McCandlish's 1/B) where the source does not say.
             self._noise = OnlineNoiseScale(cfg.noise_scale_every, cfg.noise_scale_smoothing,
-                                           population=_sampled_population(data, n_train))
+                                           population=population)
         self.error: BaseException | None = None   # the exception that ended the last fit as 'failed'
         self._busy = threading.Lock()              # one fit / step / lr_find at a time
         self._busy_what: str | None = None
