@@ -4,7 +4,9 @@ import threading
 import warnings
 import time
 
+import numpy as np
 import pytest
+import traitlets
 import torch
 
 pytest.importorskip("ipywidgets")
@@ -268,10 +270,13 @@ def test_rejected_settings_are_shown_and_keep_the_run(small):
     p.batch_size_w.value = 1024               # larger than the 800 training examples
     p.train_button.click()
     assert "batch_size=1024 is larger" in str(p.error) and "1024" in p.message.value
-    p.batch_size_w.value = 8
-    p.accumulate_w.value = 16                 # accumulate > batch size
-    p.reset_button.click()
-    assert "accumulate=16" in str(p.error)
+    p.batch_size_w.value = 16
+    p.accumulate_w.value = 16
+    p.batch_size_w.value = 8                  # accumulate 16 would be refused: not offered, clamped, said
+    assert 16 not in p.accumulate_w.options and p.accumulate_w.value == 8
+    assert "accumulate set to 8" in p.message.value
+    with pytest.raises(traitlets.TraitError):
+        p.accumulate_w.value = 16
     assert (p.trainer, p.trainer.step_count, len(p.trainer.history)) == before
     p.batch_size_w.value, p.accumulate_w.value = 100, 1
     p.warmup_w.value = 500                    # longer than the run: refused by fit, before any step
@@ -356,7 +361,7 @@ def test_random_clicks_and_slider_moves_during_training(small, tmp_path):
         lambda: setattr(p.lr_w, "value", 10 ** rng.uniform(-3, -0.5)),
         lambda: setattr(p.warmup_w, "value", rng.choice([0, 10, 20, 500])),
         lambda: setattr(p.batch_size_w, "value", rng.choice([8, 16, 32, 64, 1024, 4096])),
-        lambda: setattr(p.accumulate_w, "value", rng.choice([1, 2, 16])),
+        lambda: setattr(p.accumulate_w, "value", rng.choice(p.accumulate_w.options)),   # only what is offered
         lambda: setattr(p.optimizer_w, "value", rng.choice(["sgd", "momentum", "adam"])),
     ]
     try:
@@ -527,22 +532,71 @@ def test_comparison_rejects_bad_configs(small):
 
 
 # ---------------------------------------------------------------------- figures
-def test_live_figure_plots_the_history():
+def _noisy_history(n, noise_scale=False):
     h = History()
-    for s in range(1, 4001):
-        h.steps.append({"step": s, "epoch": s / 100, "examples": 8 * s, "loss": 2.0 / s, "lr": 0.1,
-                        "batch_size": 8, "time": 0.01 * s, "examples_per_s": 800.0, "peak_memory": None,
-                        "noise_scale": float(s)})
+    for s in range(1, n + 1):
+        row = {"step": s, "epoch": s / 100, "examples": 8 * s, "loss": 2.0 / s * (1.5 if s % 2 else 0.5), "lr": 0.1,
+               "batch_size": 8, "time": 0.01 * s, "examples_per_s": 800.0, "peak_memory": None}
+        if noise_scale:
+            row["noise_scale"] = float(s)
+        h.steps.append(row)
+    return h
+
+
+def test_live_figure_plots_the_history():
+    h = _noisy_history(4000, noise_scale=True)
     h.evals.append({"step": 100, "epoch": 1.0, "examples": 800, "time": 1.0, "eval_loss": 0.5, "eval_accuracy": 0.7})
     fig = LiveFigure(["B=8"])
     png = fig.png([h])
     assert png[:4] == b"\x89PNG"
-    xs, ys = fig._lines[("loss vs step", 0)].get_data()
-    assert len(xs) <= plots.MAX_POINTS and xs[-1] == 4000 and ys[-1] == pytest.approx(2.0 / 4000)
-    assert list(fig._lines[("eval metric vs step", 0)].get_ydata()) == [0.7]
+    xs, ys = fig._lines[("raw", 0)].get_data()
+    loss = np.array(h.steps["loss"])
+    # cut to what the pixels show, the band kept: its first and last steps, its minimum and maximum
+    assert len(xs) <= 2 * fig._columns + 2 < 4000 and xs[0] == 1 and xs[-1] == 4000
+    assert ys.min() == loss.min() and ys.max() == loss.max()
+    sx, sy = fig._lines[("smooth", 0)].get_data()
+    assert sx[-1] == 4000 and np.ptp(sy[-50:]) < np.ptp(loss[-50:]) / 10   # smoothed: the alternation averaged out
+    assert list(fig._lines[("metric", 0)].get_ydata()) == [0.7]
+    assert list(fig._lines[("eval", 0)].get_ydata()) == [0.5]
+    assert fig.axes["test metric"].get_title() == "test accuracy"
     assert fig._noise_ax is not None and fig._lines[("noise", 0)].get_xdata()[-1] == 4000
     with pytest.raises(ValueError, match="histories"):
         fig.update([h, h])
+    with pytest.raises(ValueError, match="x="):
+        LiveFigure(["B=8"], x="epochs")
+
+
+def test_live_figure_is_readable():
+    """Axis labels, a legend for one run, compact ticks, a 2x2 layout at display size."""
+    h = _noisy_history(20_000)
+    fig = LiveFigure(["B=8"], x="examples")
+    fig.png([h])
+    assert len(fig.axes) == 4
+    w, hgt = fig.figure.get_size_inches() * fig.figure.dpi
+    assert w <= 1000 and fig.figure.dpi >= 96                         # fits an 1100 px window, not upscaled
+    legend = [t.get_text() for t in fig.axes["loss"].get_legend().get_texts()]
+    assert legend == ["train, per step", "train, smoothed", "test"]
+    assert fig.axes["examples/s"].get_xlabel() == "examples seen" and fig.axes["loss"].get_ylabel() == "loss"
+    fig.canvas.draw()
+    ticks = [t.get_text() for t in fig.axes["examples/s"].get_xticklabels() if t.get_text()]
+    assert ticks and all(len(t) <= 5 for t in ticks) and any(t.endswith("k") for t in ticks)   # '50k', not '50000'
+    assert [plots.compact(v) for v in (50_000, 1_500_000, 0.05)] == ["50k", "1.5M", "0.05"]
+    race = LiveFigure(["B=16", "B=128"], x="time")
+    race.png([h, h])
+    legend = [t.get_text() for t in race.axes["loss"].get_legend().get_texts()]
+    assert legend[:2] == ["B=16", "B=128"] and "test" in legend
+    assert race.axes["loss"].get_xlabel() == "" and race.axes["examples/s"].get_xlabel() == "training time (s)"
+
+
+def test_envelope_keeps_extremes_and_order():
+    rng = np.random.default_rng(0)
+    x = np.arange(10_001.0)
+    y = rng.normal(size=x.size)
+    ex, ey = plots.envelope(x, y, 300)
+    assert len(ex) <= 602 and np.all(np.diff(ex) > 0)
+    assert ey.max() == y.max() and ey.min() == y.min() and ex[0] == 0 and ex[-1] == 10_000
+    small_x, small_y = plots.envelope(x[:100], y[:100], 300)
+    assert np.array_equal(small_y, y[:100])
 
 
 def test_live_figure_uses_a_linear_loss_axis_for_losses_at_or_below_zero():
@@ -554,10 +608,10 @@ def test_live_figure_uses_a_linear_loss_axis_for_losses_at_or_below_zero():
     with warnings.catch_warnings():
         warnings.simplefilter("error")                       # matplotlib's "no positive values" warning
         fig.png([h])
-    assert {fig.axes[t].get_yscale() for _, y, t in plots.PANELS if y == "loss"} == {"linear"}
+    assert fig.axes["loss"].get_yscale() == "linear"
     h.steps.truncate(2)
     fig.png([h])
-    assert {fig.axes[t].get_yscale() for _, y, t in plots.PANELS if y == "loss"} == {"log"}
+    assert fig.axes["loss"].get_yscale() == "log"
 
 
 def test_snapshot_cuts_columns_to_a_common_length():
