@@ -685,3 +685,26 @@ def test_panel_runs_have_no_progress_bar(small, capsys, monkeypatch):
     p = TrainingPanel(data=small, epochs=1, headless=True, values={"batch_size": 100})
     p.train_button.click()
     assert p.trainer.step_count == 8 and capsys.readouterr().err == ""
+
+
+def test_fit_progress_bar_is_labelled_and_closed(small, capsys, monkeypatch):
+    """The bar names the run and shows step/total, loss and examples/s; a terminal bar is closed at the end."""
+    import tqdm as tqdm_mod
+
+    t = make_trainer(small)
+    t.fit(steps=12, progress=True)
+    err = capsys.readouterr().err
+    assert f"B={t.config.batch_size} " in err and f"lr={t.peak_lr:.3g}" in err
+    assert "12/12" in err and "loss " in err and "ex/s" in err
+    assert not tqdm_mod.tqdm._instances                     # no bar left open
+    # in a notebook the widget stays; a fit that ends early says where it ended
+    bars = []
+
+    class FakeNotebookBar(tqdm_mod.std.tqdm):
+        def __init__(self, *a, **k):
+            super().__init__(*a, file=__import__("io").StringIO(), **k)
+            bars.append(self)
+    monkeypatch.setattr("tqdm.auto.tqdm", FakeNotebookBar)
+    t.add_callback("step_end", lambda tr, row: tr.request_stop() if tr.step_count == 15 else None)
+    t.fit(steps=10, progress=True)
+    assert bars[0].leave and bars[0].n == 3 and "(ended at step 3)" in bars[0].desc
