@@ -154,3 +154,23 @@ def test_sampled_peakmem_says_it_could_not_reset(monkeypatch):
     with magics.PeakMemory(device="cpu") as m:
         pass
     assert "does not let the peak be reset" in m.describe()
+
+
+# ---------------------------------------------------------------------- the Binder image's memory settings
+def test_binder_configuration_culls_idle_kernels():
+    """The Jupyter config the Binder image installs shuts idle kernels down (never busy ones)."""
+    from pathlib import Path
+
+    from traitlets.config import Config
+
+    root = Path(__file__).resolve().parents[1]
+    c = Config()
+    exec(compile((root / "binder" / "jupyter_server_config.py").read_text(), "jupyter_server_config.py", "exec"),
+         {"get_config": lambda: c})
+    mkm = c.MappingKernelManager
+    assert 5 * 60 <= mkm.cull_idle_timeout <= 30 * 60 and mkm.cull_interval <= 120
+    assert mkm.cull_connected is True and mkm.cull_busy is False
+    post = (root / "binder" / "postBuild").read_text()
+    assert "binder/jupyter_server_config.py" in post and ".jupyter/jupyter_server_config.py" in post
+    start = (root / "binder" / "start").read_text()
+    assert "OMP_NUM_THREADS=1" in start and 'exec "$@"' in start
