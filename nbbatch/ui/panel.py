@@ -233,6 +233,7 @@ class TrainingPanel:
         self.message.add_class("nbbatch-message")
         # shown at the PNG's own size (1000 px) where there is room, scaled down where not
         self.image = W.Image(format="png", layout=W.Layout(width="100%", max_width="1000px"))
+        self.image.add_class("nbbatch-figure")
         lr_row = W.HBox([self.lr_w, self.lr_slider], layout=W.Layout(width="330px"))
         left = W.VBox([self.model_w, self.norm_w, self.batch_size_w, lr_row])
         right = W.VBox([self.warmup_w, self.optimizer_w, self.accumulate_w, self.precision_w, self.epochs_w])
