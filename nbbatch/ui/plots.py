@@ -178,6 +178,7 @@ class LiveFigure:
                     self._lines[(y, i)] = ax.plot([], [], color=c, lw=1.2)[0]
         loss_ax = self.axes["loss"]
         loss_ax.set_yscale("log")
+        self._log_formatters()
         loss_ax.set_ylabel("loss", fontsize=9)
         self.axes["test metric"].set_ylabel("test metric", fontsize=9)
         self.axes["learning rate"].set_ylabel("lr", fontsize=9)
@@ -194,6 +195,20 @@ class LiveFigure:
         self._noise_ax = None
         self.renders = 0
         self.render_seconds = 0.0
+
+    def _log_formatters(self) -> None:
+        # plain numbers on the log loss axis ("2", "0.3"); on a range under ~1.5 decades also the
+        # minor ticks at 2, 3 and 5 times a power of ten, so the axis never shows a single label
+        ax = self.axes["loss"]
+
+        def minor(value, _pos=None):
+            lo, hi = ax.get_ylim()
+            if lo <= 0 or hi / lo > 30:
+                return ""
+            mantissa = round(value / 10 ** math.floor(math.log10(value) + 1e-9), 6)
+            return compact(value) if mantissa in (2, 3, 5) else ""
+        ax.yaxis.set_major_formatter(FuncFormatter(compact))
+        ax.yaxis.set_minor_formatter(FuncFormatter(minor))
 
     def _metric_name(self, snaps) -> str | None:
         if self.metric is not None:
@@ -226,8 +241,9 @@ class LiveFigure:
             self._lines[("eval", i)].set_data(ex, eloss)
             mx, my = _xy(ev.get(self.x, []), ev.get(metric, [])) if metric else (np.empty(0), np.empty(0))
             self._lines[("metric", i)].set_data(mx, my)
-            for y in ("lr", "examples_per_s"):
-                self._lines[(y, i)].set_data(*envelope(*_xy(st.get(self.x, []), st.get(y, [])), cols))
+            self._lines[("lr", i)].set_data(*envelope(*_xy(st.get(self.x, []), st.get("lr", [])), cols))
+            sx, speed = _xy(st.get(self.x, []), st.get("examples_per_s", []))   # per step it jitters: smoothed
+            self._lines[("examples_per_s", i)].set_data(*envelope(sx, smooth(speed, max(5, int(SMOOTH_FRACTION * len(speed)))), cols))
             mem = [m for m in st.get("peak_memory", []) if m is not None]
             if mem:
                 peaks.append(max(mem))
@@ -239,6 +255,8 @@ class LiveFigure:
         scale = "log" if all(np.all(v > 0) for v in losses) else "linear"
         if self.axes["loss"].get_yscale() != scale:
             self.axes["loss"].set_yscale(scale)
+            if scale == "log":
+                self._log_formatters()
         self.axes["examples/s"].set_title(
             "examples/s" + (f"  (peak memory {max(peaks) / 2**20:.0f} MiB)" if peaks else ""), fontsize=10)
         if noise:
