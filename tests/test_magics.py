@@ -174,3 +174,28 @@ def test_binder_configuration_culls_idle_kernels():
     assert "binder/jupyter_server_config.py" in post and ".jupyter/jupyter_server_config.py" in post
     start = (root / "binder" / "start").read_text()
     assert "OMP_NUM_THREADS=1" in start and 'exec "$@"' in start
+
+
+def test_session_script_measures_a_process_tree():
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "binder_session.py"
+    spec = importlib.util.spec_from_file_location("binder_session", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    alone = mod.process_memory(os.getpid())
+    assert 0 < alone["anon"] <= alone["rss"] and 0 < alone["pss"] <= alone["rss"]
+    child = subprocess.Popen([sys.executable, "-c", "import time; x = b'1' * (64 * 2**20); time.sleep(30)"])
+    try:
+        deadline = __import__("time").monotonic() + 20
+        while mod.process_memory(os.getpid())["anon"] < alone["anon"] + 60 * 2**20:
+            assert __import__("time").monotonic() < deadline, "the child's 64 MiB never showed"
+            __import__("time").sleep(0.1)
+    finally:
+        child.kill()
+        child.wait()
+    assert mod._size("2G") == 2 * 2**30 and mod._size("512MiB") == 512 * 2**20
