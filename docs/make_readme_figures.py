@@ -27,8 +27,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     rc = compare((16, 128, 1024), lr=0.05, base_batch_size=64, scale_rule="linear", data=data.mnist1d(),
                  epochs=args.epochs, headless=True)
-    rc._figure.png([t.history for t in rc.trainers])
-    rc._figure.figure.savefig(os.path.join(HERE, "race.png"), dpi=80)
+    rc.figure().savefig(os.path.join(HERE, "race.png"), dpi=80)
     rc.close()
     if args.panel:
         from PIL import Image

@@ -789,3 +789,33 @@ def test_live_panel_draws_its_first_frame_within_a_second_and_then_keeps_drawing
         assert seen[0] - t0 < 3.0 and p._refresher.first <= 1.0 and p._refresher.max_gap <= 2.0
     finally:
         p.close()
+
+
+def test_live_frames_redraw_only_the_data_and_match_a_full_draw():
+    """Between limit changes a frame restores the kept background and draws the lines: same pixels."""
+    import io
+
+    from PIL import Image
+
+    h = _noisy_history(1000)
+    fig = LiveFigure(["B=8"])
+    fig.png([h])
+    full = fig.full_draws
+    h.steps.truncate(900)                                 # inside the limits: no new background
+    h2 = History()
+    for row in _noisy_history(1000).steps.rows()[:950]:
+        h2.steps.append(row)
+    png = fig.png([h2])
+    assert fig.full_draws == full
+    static = LiveFigure(["B=8"], live=False)
+    static.update([h2])
+    for name, ax in static.axes.items():
+        ax.set_autoscale_on(False)
+        ax.set_xlim(fig.axes[name].get_xlim())
+        ax.set_ylim(fig.axes[name].get_ylim())
+    a = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=int)
+    b = np.asarray(Image.open(io.BytesIO(static.png())).convert("RGB"), dtype=int)
+    assert a.shape == b.shape and np.mean(np.abs(a - b) > 8) < 0.001
+    h3 = _noisy_history(3000)                             # beyond the x limit: a new background, with headroom
+    fig.png([h3])
+    assert fig.full_draws == full + 1 and fig.axes["loss"].get_xlim()[1] > 3000

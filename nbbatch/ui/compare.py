@@ -197,7 +197,7 @@ class RunComparison:
 
     def figure(self):
         """A static matplotlib Figure of all runs (display it to keep it in a saved notebook)."""
-        fig = LiveFigure(self.labels, x=self.x)
+        fig = LiveFigure(self.labels, x=self.x, live=False)
         fig.update([t.history for t in self.trainers])
         return fig.figure
 

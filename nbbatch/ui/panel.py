@@ -376,7 +376,7 @@ class TrainingPanel:
         """The current figure (a matplotlib Figure, static: display it to keep it in the notebook)."""
         if self.trainer is None:
             raise RuntimeError("no run yet: press Train first")
-        fig = LiveFigure([f"B={self.trainer.config.batch_size}"], x=self.x)
+        fig = LiveFigure([f"B={self.trainer.config.batch_size}"], x=self.x, live=False)
         fig.update([self.trainer.history])
         return fig.figure
 

@@ -128,6 +128,9 @@ class LiveFigure:
         x: the x axis of every panel: ``"step"``, ``"examples"`` or ``"time"`` (training seconds).
         dpi, figsize: the PNG's resolution and size in inches (default 1000x560 px, the size the
             panels show it at, so the text is drawn crisp and not rescaled).
+        live: True for frames (``png``): the axes, ticks and labels are drawn once and kept as a
+            background while the limits stay put (they grow with headroom, so most frames only
+            redraw the lines). False for a static figure to display or save (``figure``).
 
     Example:
         >>> from nbbatch import History
@@ -137,7 +140,7 @@ class LiveFigure:
     """
 
     def __init__(self, labels: Sequence[str], metric: str | None = None, x: str = "step", dpi: int = 100,
-                 figsize: tuple[float, float] = (10.0, 5.6)):
+                 figsize: tuple[float, float] = (10.0, 5.6), live: bool = True):
         if not labels:
             raise ValueError("labels: give at least one run label")
         if x not in X_AXES:
@@ -190,8 +193,15 @@ class LiveFigure:
         if multi:   # colours name the runs, the grey styles name the curves
             handles = [Line2D([], [], color=f"C{i % 10}", lw=1.6) for i in range(len(self.labels))] + handles
             names = self.labels + names
-        loss_ax.legend(handles, names, fontsize=8, loc="upper right", framealpha=0.8,
-                       ncol=2 if multi and len(names) > 5 else 1)
+        self._legend = loss_ax.legend(handles, names, fontsize=8, loc="upper right", framealpha=0.8,
+                                      ncol=2 if multi and len(names) > 5 else 1)
+        self.live = bool(live)
+        for artist in [*self._lines.values(), self._legend]:
+            artist.set_animated(self.live)       # drawn over the kept background by png()
+        self._background = None      # the rendered figure without its data, while the limits hold
+        self._key = None
+        self._fitted: set = set()     # axes whose limits were set from data once
+        self.full_draws = 0
         self._noise_ax = None
         self.renders = 0
         self.render_seconds = 0.0
@@ -255,6 +265,7 @@ class LiveFigure:
         scale = "log" if all(np.all(v > 0) for v in losses) else "linear"
         if self.axes["loss"].get_yscale() != scale:
             self.axes["loss"].set_yscale(scale)
+            self._fitted.discard(self.axes["loss"])
             if scale == "log":
                 self._log_formatters()
         self.axes["examples/s"].set_title(
@@ -269,10 +280,50 @@ class LiveFigure:
                 key = ("noise", i)
                 if key not in self._lines:
                     self._lines[key] = self._noise_ax.plot([], [], ":", color=f"C{i % 10}", lw=1.2)[0]
+                    self._lines[key].set_animated(self.live)
                 self._lines[key].set_data(*envelope(xs, ys, cols))
         for ax in list(self.axes.values()) + ([self._noise_ax] if self._noise_ax is not None else []):
             ax.relim()
-            ax.autoscale_view()
+            if self.live:
+                self._sticky_limits(ax)
+            else:
+                ax.autoscale_view()
+
+    def _sticky_limits(self, ax) -> None:
+        """Change an axes' limits only when its data leave them (or shrink to a small part of them),
+        and then with headroom: x grows 30% ahead of the data, so most frames keep their ticks."""
+        ax.set_autoscale_on(False)             # matplotlib would rescale at draw time otherwise
+        box = ax.dataLim
+        if not (np.all(np.isfinite(box.get_points())) and box.width >= 0 and ax.has_data()):
+            return
+        (x0, x1), (y0, y1) = box.intervalx, box.intervaly
+        if y1 - y0 <= 1e-6 * max(abs(y0), abs(y1)):   # constant up to rounding (a smoothed constant)
+            y0 = y1 = (y0 + y1) / 2
+        first = ax not in self._fitted
+        self._fitted.add(ax)
+        (cx0, cx1), (cy0, cy1) = ax.get_xlim(), ax.get_ylim()
+        log = ax.get_yscale() == "log"
+        span = (lambda a, b: math.log(b / a) if a > 0 and b > 0 else 0.0) if log else (lambda a, b: b - a)
+        x_out = first or x0 < cx0 or x1 > cx1
+        y_out = first or y0 < cy0 or y1 > cy1
+        y_small = y1 > y0 and span(cy0, cy1) > 0 and span(y0, y1) < 0.3 * span(cy0, cy1)
+        if x_out:
+            start = min(x0, 0.0)                   # steps, examples and seconds start at 0
+            ax.set_xlim(start, x1 + 0.4 * max(x1 - start, 1e-12))
+        if y_out or y_small:
+            # 5% margin, and 25% headroom on a side the data just crossed (a falling loss, a rising
+            # accuracy keep going that way)
+            lo_pad = 0.25 if (y0 < cy0 and not y_small) else 0.05
+            hi_pad = 0.25 if (y1 > cy1 and not y_small) else 0.05
+            if y1 == y0:
+                pad = abs(y0) * 0.1 or 1.0
+                lo, hi = (y0 / 1.5, y1 * 1.5) if log and y0 > 0 else (y0 - pad, y1 + pad)
+            elif log and y0 > 0:
+                r = y1 / y0
+                lo, hi = y0 / r ** lo_pad, y1 * r ** hi_pad
+            else:
+                lo, hi = y0 - lo_pad * (y1 - y0), y1 + hi_pad * (y1 - y0)
+            ax.set_ylim(lo, hi)
 
     def png(self, histories: Sequence | None = None) -> bytes:
         """Render (after ``update(histories)`` when given) and return PNG bytes."""
@@ -280,8 +331,29 @@ class LiveFigure:
         if histories is not None:
             self.update(histories)
         buf = io.BytesIO()
-        # a fast zlib level: the PNG is sent once and shown at once; level 6 costs 3x the time
-        self.canvas.print_png(buf, pil_kwargs={"compress_level": 1})
+        if not self.live:
+            self.canvas.print_png(buf, pil_kwargs={"compress_level": 1})
+        else:
+            axes = list(self.axes.values()) + ([self._noise_ax] if self._noise_ax is not None else [])
+            key = tuple((ax.get_xlim(), ax.get_ylim(), ax.get_yscale(), ax.get_title()) for ax in axes)
+            if key != self._key or self._background is None:
+                self.canvas.draw()                 # everything but the data lines and the legend
+                self._background = self.canvas.copy_from_bbox(self.figure.bbox)
+                self._key = key
+                self.full_draws += 1
+            else:
+                self.canvas.restore_region(self._background)
+            renderer = self.canvas.get_renderer()
+            for line in self._lines.values():
+                if line.axes is not None:
+                    line.axes.draw_artist(line)
+            self._legend.draw(renderer)
+            from PIL import Image
+
+            w, h = self.canvas.get_width_height()
+            # a fast zlib level: the PNG is sent once and shown at once; level 6 costs 3x the time
+            Image.frombuffer("RGBA", (w, h), self.canvas.buffer_rgba(), "raw", "RGBA", 0, 1).save(
+                buf, format="png", compress_level=1)
         self.renders += 1
         self.render_seconds += time.perf_counter() - t0
         return buf.getvalue()
