@@ -8,6 +8,10 @@ participant sees: the time from the Train click to the first frame that shows da
 between frames while training, and the frames per second. It also renders the figure alone for
 a history of 1k, 10k and 100k steps (the cost of one frame as a run grows).
 
+The machine it runs on may be shared: wall times then carry other jobs' noise. The process CPU
+time (user + system, all threads) of each run is reported too: the CPU ratio is the overhead the
+figure adds on a one-core machine such as Binder's, and it barely depends on other load.
+
 Run:  .venv/bin/python bench/bench_live.py [--repeats 3] [--epochs 40] [--quick]
 """
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -31,11 +36,16 @@ VALUES = {"model": "mlp", "norm": "none", "lr": 0.05, "warmup_steps": 0, "optimi
           "accumulate": 1, "precision": "fp32"}
 
 
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def headless(build, batch_size, epochs):
     t = build(batch_size=batch_size, **VALUES)
-    t0 = time.perf_counter()
+    c0, t0 = cpu_seconds(), time.perf_counter()
     t.fit(epochs=epochs, progress=False)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, cpu_seconds() - c0
 
 
 def live(build, batch_size, epochs):
@@ -44,14 +54,15 @@ def live(build, batch_size, epochs):
     frames, ended = [], []
     panel.image.observe(lambda ch: frames.append(time.perf_counter()), names="value")
     panel.trainer.add_callback("fit_end", lambda t, row: ended.append(time.perf_counter()))
-    t0 = time.perf_counter()
+    c0, t0 = cpu_seconds(), time.perf_counter()
     panel.train_button.click()
     panel.controller.wait()
+    cpu = cpu_seconds() - c0
     panel.close()
     train_s = ended[0] - t0
     during = [f - t0 for f in frames if f <= ended[0]]
     gaps = [b - a for a, b in zip([0.0] + during, during)]
-    return {"train_s": train_s, "first": during[0] if during else float("nan"), "frames": len(during),
+    return {"train_s": train_s, "cpu_s": cpu, "first": during[0] if during else float("nan"), "frames": len(during),
             "max_gap": max(gaps + [train_s - (during[-1] if during else 0.0)])}
 
 
@@ -94,8 +105,9 @@ def main(argv=None) -> None:
         cost, px = frame_cost(n)
         print(f"| {n} | {1000 * cost:.0f} | {px[0]:.0f}x{px[1]:.0f} |")
     print(f"\n# panel vs headless Trainer.fit, {args.repeats} interleaved pairs, {args.epochs:g} epochs of mnist1d")
-    print("| batch | fit s | panel s | ratio of medians | paired ratios | first frame s | frames/s | max gap s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| batch | fit s | panel s | ratio of medians | paired ratios | CPU ratio (paired, median) "
+          "| first frame s | frames/s | max gap s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for b in [int(x) for x in args.batch_sizes.split(",")]:
         fit, pan = [], []
         for r in range(args.repeats):
@@ -105,9 +117,12 @@ def main(argv=None) -> None:
                 else:
                     pan.append(live(build, b, args.epochs))
         ps = [p["train_s"] for p in pan]
-        paired = sorted(p / f for p, f in zip(ps, fit))
-        print(f"| {b} | {statistics.median(fit):.2f} | {statistics.median(ps):.2f} | "
-              f"{statistics.median(ps) / statistics.median(fit):.3f} | {', '.join(f'{x:.3f}' for x in paired)} | "
+        fs = [f[0] for f in fit]
+        paired = sorted(p / f for p, f in zip(ps, fs))
+        cpu = statistics.median(p["cpu_s"] / f[1] for p, f in zip(pan, fit))
+        print(f"| {b} | {statistics.median(fs):.2f} | {statistics.median(ps):.2f} | "
+              f"{statistics.median(ps) / statistics.median(fs):.3f} | {', '.join(f'{x:.3f}' for x in paired)} | "
+              f"{cpu:.3f} | "
               f"{statistics.median(p['first'] for p in pan):.2f} | "
               f"{statistics.median(p['frames'] / p['train_s'] for p in pan):.2f} | "
               f"{max(p['max_gap'] for p in pan):.2f} |")

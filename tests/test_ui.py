@@ -819,3 +819,19 @@ def test_live_frames_redraw_only_the_data_and_match_a_full_draw():
     h3 = _noisy_history(3000)                             # beyond the x limit: a new background, with headroom
     fig.png([h3])
     assert fig.full_draws == full + 1 and fig.axes["loss"].get_xlim()[1] > 3000
+
+
+def test_the_panel_fixes_the_x_axis_to_the_runs_end(small):
+    p = TrainingPanel(data=small, epochs=2, headless=True, values={"batch_size": 100})
+    p.train_button.click()
+    assert p._figure.x_end == 16 and p._figure.axes["loss"].get_xlim() == (0.0, 16.0)
+    ex = LiveFigure(["a", "b"], x="examples")
+    ex.set_x_end([10, 4], [8, 32])
+    assert ex.x_end == 128
+    race = LiveFigure(["a"], x="time")
+    race.set_x_end([10], [8])
+    assert race.x_end is None
+    assert plots._nice(0.37, 2.4, log=True) == (0.2, 5.0)
+    lo, hi = plots._nice(0.13, 0.87, log=False)
+    assert lo <= 0.13 and hi >= 0.87 and plots._nice(0.12, 0.86, log=False) == (lo, hi)   # small changes: same limits
+    p.close()

@@ -148,6 +148,7 @@ class RunComparison:
         except (ValueError, RuntimeError) as err:
             self.message.value = f'<span style="color:#b00020">{html.escape(str(err))}</span>'
             return
+        self._figure.set_x_end(c.ends, [t.config.batch_size for t in self.trainers])
         if self.headless:
             c.wait()
             self._draw()

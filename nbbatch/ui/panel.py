@@ -504,6 +504,7 @@ class TrainingPanel:
         except (ValueError, RuntimeError) as err:
             self._record_error(err, "cannot start")
             return
+        self._figure.set_x_end(c.ends, [self.trainer.config.batch_size])
         self.pause_button.description = "Pause"
         self._show("")
         if self.headless:

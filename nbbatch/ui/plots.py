@@ -100,6 +100,27 @@ def envelope(x: np.ndarray, y: np.ndarray, columns: int) -> tuple[np.ndarray, np
     return x[order], y[order]
 
 
+def _nice(lo: float, hi: float, log: bool) -> tuple[float, float]:
+    """Round limits outwards to round values (1-2-5 per decade on a log axis, tick steps on a
+    linear one), so that small changes of the data leave them, and the frame's background, as they are.
+
+    Example:
+        >>> _nice(0.37, 2.4, log=True)
+        (0.2, 5.0)
+    """
+    if log:
+        def down(v):
+            e = math.floor(math.log10(v))
+            return max(m * 10.0 ** e for m in (1, 2, 5) if m * 10.0 ** e <= v * (1 + 1e-12))
+
+        def up(v):
+            e = math.floor(math.log10(v))
+            return min(m * 10.0 ** e for m in (1, 2, 5, 10) if m * 10.0 ** e >= v * (1 - 1e-12))
+        return down(lo), up(hi)
+    ticks = MaxNLocator(5).tick_values(lo, hi)
+    return float(min(ticks[0], lo)), float(max(ticks[-1], hi))
+
+
 def smooth(y: np.ndarray, span: int) -> np.ndarray:
     """Bias-corrected exponential moving average of ``y`` over about ``span`` points.
 
@@ -201,6 +222,7 @@ class LiveFigure:
         self._background = None      # the rendered figure without its data, while the limits hold
         self._key = None
         self._fitted: set = set()     # axes whose limits were set from data once
+        self.x_end: float | None = None   # where the x axis ends when known (the run's last step)
         self.full_draws = 0
         self._noise_ax = None
         self.renders = 0
@@ -289,6 +311,16 @@ class LiveFigure:
             else:
                 ax.autoscale_view()
 
+    def set_x_end(self, ends: Sequence[int | None], batch_sizes: Sequence[int]) -> None:
+        """Fix the x axis to the runs' planned end (``ends`` in steps) where the x unit allows."""
+        known = [e for e in ends if e is not None]
+        if not known or self.x == "time":
+            self.x_end = None
+        elif self.x == "step":
+            self.x_end = float(max(known))
+        else:
+            self.x_end = float(max(e * b for e, b in zip(ends, batch_sizes) if e is not None))
+
     def _sticky_limits(self, ax) -> None:
         """Change an axes' limits only when its data leave them (or shrink to a small part of them),
         and then with headroom: x grows 30% ahead of the data, so most frames keep their ticks."""
@@ -309,7 +341,10 @@ class LiveFigure:
         y_small = y1 > y0 and span(cy0, cy1) > 0 and span(y0, y1) < 0.3 * span(cy0, cy1)
         if x_out:
             start = min(x0, 0.0)                   # steps, examples and seconds start at 0
-            ax.set_xlim(start, x1 + 0.4 * max(x1 - start, 1e-12))
+            if self.x_end is not None and x1 <= self.x_end:
+                ax.set_xlim(start, self.x_end)     # the run's planned end: fixed for the whole run
+            else:
+                ax.set_xlim(*_nice(start, x1 + 0.4 * max(x1 - start, 1e-12), log=False))
         if y_out or y_small:
             # 5% margin, and 25% headroom on a side the data just crossed (a falling loss, a rising
             # accuracy keep going that way)
@@ -323,7 +358,7 @@ class LiveFigure:
                 lo, hi = y0 / r ** lo_pad, y1 * r ** hi_pad
             else:
                 lo, hi = y0 - lo_pad * (y1 - y0), y1 + hi_pad * (y1 - y0)
-            ax.set_ylim(lo, hi)
+            ax.set_ylim(*_nice(lo, hi, log=log and lo > 0))
 
     def png(self, histories: Sequence | None = None) -> bytes:
         """Render (after ``update(histories)`` when given) and return PNG bytes."""
@@ -377,7 +412,7 @@ class Refresher:
     """
 
     def __init__(self, draw: Callable[[], None], interval: float = 1.0, budget: float = 0.1,
-                 tick: Callable[[], None] | None = None, first: float = 0.3, max_gap: float = 1.5):
+                 tick: Callable[[], None] | None = None, first: float = 0.3, max_gap: float = 1.8):
         for name, value in (("refresh interval", interval), ("first", first), ("max_gap", max_gap)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
                 raise ValueError(f"{name} must be a number > 0 seconds, got {value!r}")
