@@ -835,3 +835,12 @@ def test_the_panel_fixes_the_x_axis_to_the_runs_end(small):
     lo, hi = plots._nice(0.13, 0.87, log=False)
     assert lo <= 0.13 and hi >= 0.87 and plots._nice(0.12, 0.86, log=False) == (lo, hi)   # small changes: same limits
     p.close()
+
+
+def test_the_figure_is_hidden_until_there_is_one(small):
+    p = TrainingPanel(data=small, epochs=1, headless=True, values={"batch_size": 100})
+    assert p.image.layout.display == "none" and p.image.value == b""
+    p.train_button.click()
+    assert p.image.layout.display is None and p.image.value[:4] == b"\x89PNG"
+    assert p.image.layout.margin == "0"         # 100% wide without a margin: no sideways overflow
+    p.close()

@@ -114,7 +114,7 @@ class RunComparison:
         self.stop_button.on_click(lambda _: self.stop())
         self.status = W.HTML(value="idle")
         self.message = W.HTML(value="")
-        self.image = W.Image(format="png", layout=W.Layout(width="100%", max_width="1000px"))
+        self.image = W.Image(format="png", layout=W.Layout(width="100%", max_width="1000px", margin="0"))
         self.widget = W.VBox([W.HBox([self.train_button, self.pause_button, self.stop_button]),
                               self.status, self.message, self.image], layout=W.Layout(max_width="1000px"))
         t0 = time.perf_counter()     # the empty figure now: it shows at once and sets the redraw throttle

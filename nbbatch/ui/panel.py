@@ -232,7 +232,10 @@ class TrainingPanel:
         self.message = W.HTML(value="")
         self.message.add_class("nbbatch-message")
         # shown at the PNG's own size (1000 px) where there is room, scaled down where not
-        self.image = W.Image(format="png", layout=W.Layout(width="100%", max_width="1000px"))
+        # no margin: with the widgets' default 2 px a 100%-wide image overflows a narrow notebook;
+        # hidden until the first frame (an empty Image shows a broken-image icon)
+        self.image = W.Image(format="png", layout=W.Layout(width="100%", max_width="1000px", margin="0",
+                                                           display="none"))
         self.image.add_class("nbbatch-figure")
         lr_row = W.HBox([self.lr_w, self.lr_slider], layout=W.Layout(width="330px"))
         left = W.VBox([self.model_w, self.norm_w, self.batch_size_w, lr_row])
@@ -396,6 +399,7 @@ class TrainingPanel:
         self._figure = LiveFigure([f"B={trainer.config.batch_size}"], x=self.x)
         t0 = time.perf_counter()
         self.image.value = self._figure.png([snapshot(trainer.history)])
+        self.image.layout.display = None
         self._refresher.cost = time.perf_counter() - t0
         self._update_status()
 
