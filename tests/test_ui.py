@@ -824,7 +824,11 @@ def test_live_frames_redraw_only_the_data_and_match_a_full_draw():
 def test_the_panel_fixes_the_x_axis_to_the_runs_end(small):
     p = TrainingPanel(data=small, epochs=2, headless=True, values={"batch_size": 100})
     p.train_button.click()
-    assert p._figure.x_end == 16 and p._figure.axes["loss"].get_xlim() == (0.0, 16.0)
+    assert p._figure.x_end == 16 and p._figure.axes["loss"].get_xlim() == (0.0, 16.0)   # not past the end
+    long = LiveFigure(["a"])
+    long.x_end = 1_000_000
+    long.png([_noisy_history(1000)])
+    assert 1000 < long.axes["loss"].get_xlim()[1] <= 2000     # a long run: the axis grows with the data
     ex = LiveFigure(["a", "b"], x="examples")
     ex.set_x_end([10, 4], [8, 32])
     assert ex.x_end == 128

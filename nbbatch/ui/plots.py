@@ -222,7 +222,7 @@ class LiveFigure:
         self._background = None      # the rendered figure without its data, while the limits hold
         self._key = None
         self._fitted: set = set()     # axes whose limits were set from data once
-        self.x_end: float | None = None   # where the x axis ends when known (the run's last step)
+        self.x_end: float | None = None   # the x axis grows no further (the run's last step), when known
         self.full_draws = 0
         self._noise_ax = None
         self.renders = 0
@@ -312,7 +312,8 @@ class LiveFigure:
                 ax.autoscale_view()
 
     def set_x_end(self, ends: Sequence[int | None], batch_sizes: Sequence[int]) -> None:
-        """Fix the x axis to the runs' planned end (``ends`` in steps) where the x unit allows."""
+        """The x axis grows ahead of the data up to the runs' planned end (``ends`` in steps),
+        where the x unit allows; near the end it stops there instead of overshooting."""
         known = [e for e in ends if e is not None]
         if not known or self.x == "time":
             self.x_end = None
@@ -341,10 +342,10 @@ class LiveFigure:
         y_small = y1 > y0 and span(cy0, cy1) > 0 and span(y0, y1) < 0.3 * span(cy0, cy1)
         if x_out:
             start = min(x0, 0.0)                   # steps, examples and seconds start at 0
+            _, hi = _nice(start, x1 + 0.4 * max(x1 - start, 1e-12), log=False)
             if self.x_end is not None and x1 <= self.x_end:
-                ax.set_xlim(start, self.x_end)     # the run's planned end: fixed for the whole run
-            else:
-                ax.set_xlim(*_nice(start, x1 + 0.4 * max(x1 - start, 1e-12), log=False))
+                hi = min(hi, self.x_end)           # never past the run's planned end
+            ax.set_xlim(start, hi)
         if y_out or y_small:
             # 5% margin, and 25% headroom on a side the data just crossed (a falling loss, a rising
             # accuracy keep going that way)

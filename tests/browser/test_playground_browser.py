@@ -161,6 +161,10 @@ def test_playground_in_a_real_browser(tmp_path):
                     sources.append(src)
                 time.sleep(0.05)
             changes = len(sources) - 1
+            try:   # JupyterLab's news prompt would cover the panel in the screenshots
+                page.get_by_role("button", name="No").first.click(timeout=2000)
+            except Exception:
+                pass
             shots = [tmp_path]
             if os.environ.get("NBBATCH_SCREENSHOTS"):
                 shots.append(Path(os.environ["NBBATCH_SCREENSHOTS"]))
