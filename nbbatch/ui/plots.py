@@ -388,7 +388,8 @@ class LiveFigure:
 
             w, h = self.canvas.get_width_height()
             # a fast zlib level: the PNG is sent once and shown at once; level 6 costs 3x the time
-            Image.frombuffer("RGBA", (w, h), self.canvas.buffer_rgba(), "raw", "RGBA", 0, 1).save(
+            # RGB (the figure is opaque): a fifth less to encode than RGBA
+            Image.frombuffer("RGBA", (w, h), self.canvas.buffer_rgba(), "raw", "RGBA", 0, 1).convert("RGB").save(
                 buf, format="png", compress_level=1)
         self.renders += 1
         self.render_seconds += time.perf_counter() - t0
