@@ -848,3 +848,9 @@ def test_the_figure_is_hidden_until_there_is_one(small):
     assert p.image.layout.display is None and p.image.value[:4] == b"\x89PNG"
     assert p.image.layout.margin == "0"         # 100% wide without a margin: no sideways overflow
     p.close()
+
+
+def test_a_live_panel_shows_empty_axes_before_the_first_train(small):
+    p = TrainingPanel(data=small, epochs=1, values={"batch_size": 100})
+    assert p.trainer is None and p.image.value[:4] == b"\x89PNG" and p.image.layout.display is None
+    p.close()

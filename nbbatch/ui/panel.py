@@ -159,6 +159,12 @@ class TrainingPanel:
         self._segment_start: tuple[float | None, int] = (None, 0)   # (wall time, steps done) of this Train
         self._make_widgets(vals, fixed=trainer is not None)
         self._figure: LiveFigure | None = None
+        if not headless and trainer is None:
+            # Empty axes at once: the panel shows what it will draw, and the first render (font
+            # loading) is paid here rather than after the first Train.
+            self._figure = LiveFigure([f"B={vals['batch_size']}"], x=x)
+            self.image.value = self._figure.png([{"steps": {}, "evals": {}}])
+            self.image.layout.display = None
         self._refresher = Refresher(self._draw, interval=refresh, tick=self._tick)
         self._structural_change()          # a starting combination the trainer would refuse is shown now
         if trainer is not None:
