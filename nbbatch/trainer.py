@@ -570,7 +570,9 @@ class Trainer:
         self._interrupted = False
         reset_peak_memory(self.device)
         # before the handler: if it fails, none is left installed; data-parallel, on rank 0 only (as prints are)
-        bar = _progress_bar(progress, end - self.step_count, self) if self.is_main_process else None
+        bar = _progress_bar(progress, end - self.step_count) if self.is_main_process else None
+        if isinstance(bar, _LabelledBar):
+            bar.label(self)
         previous_handler = self._install_interrupt_handler()
         reason = "completed"
         try:
@@ -920,10 +922,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 
 
 # ---------------------------------------------------------------------- helpers
-def _progress_bar(progress: bool | None, total: int, trainer=None):
+def _progress_bar(progress: bool | None, total: int):
     """A labelled tqdm bar for ``fit``, or None (see ``fit``'s ``progress``).
 
-    The bar names the run (batch size, optimizer, lr), counts steps of this fit against its
+    The bar (named after the run by ``_LabelledBar.label``: batch size, optimizer, lr) counts steps of this fit against its
     total, shows tqdm's time remaining and, twice a second, the last step's loss and examples/s.
     In a terminal a bar is transient (cleared when the fit ends, so a printed table stays
     intact; lines printed with ``tqdm.write`` pass above it); in a notebook the widget stays,
@@ -941,14 +943,9 @@ def _progress_bar(progress: bool | None, total: int, trainer=None):
         from tqdm.std import tqdm as text_tqdm
     except ImportError:   # tqdm is a dependency; a broken install only loses the bar
         return None
-    label = "fit"
-    if trainer is not None:
-        c = trainer.config
-        opt = c.optimizer if isinstance(c.optimizer, str) else type(c.optimizer).__name__
-        label = f"B={c.batch_size} {opt} lr={trainer.peak_lr:.3g}"
     terminal = tqdm is text_tqdm
-    bar = tqdm(total=total, desc=label, unit="step", mininterval=0.5, dynamic_ncols=True, leave=not terminal)
-    return _LabelledBar(bar, trainer, terminal)
+    bar = tqdm(total=total, desc="fit", unit="step", mininterval=0.5, dynamic_ncols=True, leave=not terminal)
+    return _LabelledBar(bar, None, terminal)
 
 
 class _LabelledBar:
@@ -957,6 +954,13 @@ class _LabelledBar:
     def __init__(self, bar, trainer, terminal: bool):
         self.bar, self.trainer, self.terminal = bar, trainer, terminal
         self._next = 0.0
+
+    def label(self, trainer) -> None:
+        """Name the bar after ``trainer``'s run and show its numbers from now on."""
+        c = trainer.config
+        opt = c.optimizer if isinstance(c.optimizer, str) else type(c.optimizer).__name__
+        self.trainer = trainer
+        self.bar.set_description(f"B={c.batch_size} {opt} lr={trainer.peak_lr:.3g}", refresh=True)
 
     def update(self, n: int = 1) -> None:
         now = time.monotonic()
