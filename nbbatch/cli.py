@@ -16,42 +16,114 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
+import os
 import sys
 
 from .config import OPTIMIZERS
 from .device import PRECISIONS
+from .models import MODELS, NORMS
 from .schedules import DECAYS, SCALE_RULES, WARMUPS
+
+# the datasets a command line can build (classification; the IDX loader needs file paths)
+DATASETS = ("mnist1d", "digits", "teacher_student")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows every option's default, and its choices once (in the help text)."""
+
+    def _get_default_metavar_for_optional(self, action):
+        return "TEXT" if action.type is None else action.type.__name__.upper()
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.choices and "{" not in text:
+            text += " (one of: " + ", ".join(map(str, action.choices)) + ")"
+        if action.default is None and action.option_strings and not isinstance(action, argparse._HelpAction):
+            return text if "(none:" in text else text + " (default: none)"
+        return super()._get_help_string(argparse.Namespace(**{**vars(action), "help": text}))
+
+
+def _choice(parser, *names, choices, default, help):
+    parser.add_argument(*names, default=default, choices=choices, metavar="NAME", help=help)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nbbatch", description="Batch-size experiments from the command line.")
+    parser = argparse.ArgumentParser(prog="nbbatch", description="Batch-size experiments from the command line.",
+                                     formatter_class=_Help)
     sub = parser.add_subparsers(dest="command")
-    train = sub.add_parser("train", help="train a reference model and print a per-epoch table")
-    train.add_argument("--dataset", default="mnist1d", help="mnist1d, digits or teacher_student (default mnist1d)")
+    train = sub.add_parser("train", help="train a reference model and print a per-epoch table", formatter_class=_Help,
+                           description="Train a reference model headless and print one row per epoch.")
+    _choice(train, "--dataset", choices=DATASETS, default="mnist1d", help="dataset, generated or shipped offline")
     train.add_argument("--num-samples", type=int, default=None, help="mnist1d: total examples generated")
-    train.add_argument("--model", default="mlp", choices=("mlp", "cnn"))
-    train.add_argument("--norm", default="none", choices=("none", "batch", "group", "layer"))
-    train.add_argument("--batch-size", type=int, default=64)
-    train.add_argument("--epochs", type=float, default=5)
-    train.add_argument("--lr", type=float, default=0.05)
-    train.add_argument("--optimizer", default="momentum", choices=OPTIMIZERS)
-    train.add_argument("--momentum", type=float, default=None)
-    train.add_argument("--weight-decay", type=float, default=0.0)
-    train.add_argument("--scale-rule", default="none", choices=SCALE_RULES)
-    train.add_argument("--base-batch-size", type=int, default=None)
-    train.add_argument("--warmup", default="none", choices=WARMUPS)
-    train.add_argument("--warmup-epochs", type=float, default=None)
-    train.add_argument("--decay", default="constant", choices=DECAYS)
-    train.add_argument("--accumulate", type=int, default=1)
-    train.add_argument("--clip-grad-norm", type=float, default=None)
-    train.add_argument("--precision", default="auto", choices=PRECISIONS)
-    train.add_argument("--device", default="auto")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    train.add_argument("--save", default=None, help="write a checkpoint here at the end")
-    train.add_argument("--csv", default=None, help="write the per-step history as CSV here")
+    _choice(train, "--model", choices=MODELS, default="mlp", help="reference model")
+    _choice(train, "--norm", choices=NORMS, default="none", help="normalisation layers of the model")
+    train.add_argument("--batch-size", type=int, default=64, help="examples per optimizer step")
+    train.add_argument("--epochs", type=float, default=5, help="passes over the training set (> 0)")
+    train.add_argument("--lr", type=float, default=0.05, help="learning rate (at --base-batch-size)")
+    _choice(train, "--optimizer", choices=OPTIMIZERS, default="momentum", help="optimizer")
+    train.add_argument("--momentum", type=float, default=None, help="momentum (none: the optimizer's default)")
+    train.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay")
+    _choice(train, "--scale-rule", choices=SCALE_RULES, default="none",
+            help="how the lr scales from --base-batch-size to --batch-size")
+    train.add_argument("--base-batch-size", type=int, default=None,
+                       help="batch size --lr was tuned at (none: --batch-size)")
+    _choice(train, "--warmup", choices=WARMUPS, default="none", help="warm-up shape")
+    train.add_argument("--warmup-epochs", type=float, default=None, help="length of the warm-up in epochs")
+    _choice(train, "--decay", choices=DECAYS, default="constant", help="lr decay after the warm-up")
+    train.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step (<= batch size)")
+    train.add_argument("--clip-grad-norm", type=float, default=None, help="clip the gradient norm to this")
+    _choice(train, "--precision", choices=PRECISIONS, default="auto", help="number format of the forward pass")
+    train.add_argument("--device", metavar="DEVICE", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    train.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch order")
+    train.add_argument("--threads", type=int, default=None, help="torch CPU threads, >= 1 (none: torch's choice)")
+    train.add_argument("--save", metavar="PATH", default=None, help="write a checkpoint to this file at the end")
+    train.add_argument("--csv", metavar="PATH", default=None, help="write the per-step history as CSV to this file")
     _add_sweep_parser(sub)
     return parser
+
+
+# ---------------------------------------------------------------------- argument checks
+def _check_number(value, option: str, *, minimum: float = 0.0, integer: bool = False, inclusive: bool = False) -> None:
+    if value is None:
+        return
+    bad = not math.isfinite(value) or (value < minimum if inclusive else value <= minimum)
+    if bad:
+        kind = "an integer" if integer else "a number"
+        raise ValueError(f"{option} must be {kind} {'>=' if inclusive else '>'} {minimum:g}, got {value:g}")
+
+
+def _check_output(path: str | None, option: str) -> None:
+    """A file ``path`` can be written: its folder exists and is writable, and it is not a folder."""
+    if path is None or path == "":
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"{option} {path!r} is a directory; give a file name")
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"{option} {path!r}: {folder!r} is a file, not a directory")
+    if not os.path.isdir(folder):
+        raise ValueError(f"{option} {path!r}: the directory {folder!r} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path!r}: the directory {folder!r} is not writable")
+
+
+def check_train_args(args: argparse.Namespace) -> None:
+    """Raise ValueError naming the option for arguments ``train`` would refuse (before any output)."""
+    _check_number(args.epochs, "--epochs")
+    _check_number(args.threads, "--threads", minimum=1, integer=True, inclusive=True)
+    _check_number(args.num_samples, "--num-samples", minimum=1, integer=True, inclusive=True)
+    _check_number(args.lr, "--lr", inclusive=True)
+    _check_output(args.save, "--save")
+    _check_output(args.csv, "--csv")
+
+
+def _write(line: str, out) -> None:
+    # through tqdm: a progress bar on the same terminal is cleared and redrawn below the line
+    from tqdm import tqdm
+
+    tqdm.write(line, file=out)
+    out.flush()
 
 
 # ---------------------------------------------------------------------- nbbatch sweep
@@ -97,36 +169,49 @@ def _floats(text: str, name: str) -> list[float]:
 
 
 def _add_sweep_parser(sub) -> None:
-    sw = sub.add_parser("sweep", help="steps to a target loss per batch size; fit B_crit; measure B_simple")
-    sw.add_argument("--dataset", default="mnist1d", help="mnist1d, digits or teacher_student (default mnist1d)")
+    sw = sub.add_parser("sweep", help="steps to a target loss per batch size; fit B_crit; measure B_simple",
+                        formatter_class=_Help, description="Train to a target at each batch size (best lr of a few), "
+                        "fit the critical batch B_crit and measure the noise scale B_simple.")
+    _choice(sw, "--dataset", choices=DATASETS, default="mnist1d", help="dataset, generated or shipped offline")
     sw.add_argument("--num-samples", type=int, default=None, help="mnist1d: total examples generated")
-    sw.add_argument("--model", default="mlp", choices=("mlp", "cnn"))
-    sw.add_argument("--batch-sizes", default="32,64,...,1024",
-                    help="comma-separated, or a range 'a,b,...,z' (default 32,64,...,1024)")
-    sw.add_argument("--target-loss", type=float, default=1.0, help="target training loss (default 1.0)")
+    _choice(sw, "--model", choices=MODELS, default="mlp", help="reference model")
+    sw.add_argument("--batch-sizes", default="32,64,...,1024", help="comma-separated, or a range 'a,b,...,z'")
+    sw.add_argument("--target-loss", type=float, default=1.0, help="target training loss")
     sw.add_argument("--target-accuracy", type=float, default=None, help="target accuracy instead of a loss")
-    sw.add_argument("--eval", default="train", choices=("train", "test"), help="where the target is measured")
-    sw.add_argument("--lrs", default=None, help="learning-rate grid tried at every batch size, e.g. 0.05,0.1,0.2")
+    _choice(sw, "--eval", choices=("train", "test"), default="train", help="where the target is measured")
+    sw.add_argument("--lrs", default=None, help="learning-rate grid tried at every batch size, e.g. 0.05,0.1,0.2 "
+                    "(none: --lr scaled by --scale-rule, times --lr-factors)")
     sw.add_argument("--lr", type=float, default=0.05, help="lr at the smallest batch size, scaled by --scale-rule")
-    sw.add_argument("--scale-rule", default="sqrt", choices=SCALE_RULES)
+    _choice(sw, "--scale-rule", choices=SCALE_RULES, default="sqrt", help="how the lr scales with the batch size")
     sw.add_argument("--lr-factors", default="1,2", help="multipliers of the scaled lr tried per batch size")
     sw.add_argument("--max-steps", type=int, default=1500, help="step budget of each run")
-    sw.add_argument("--max-examples", type=int, default=150_000,
-                    help="example budget of each run (default 150000; 0: none)")
-    sw.add_argument("--optimizer", default="momentum", choices=OPTIMIZERS)
+    sw.add_argument("--max-examples", type=int, default=150_000, help="example budget of each run (0: none)")
+    _choice(sw, "--optimizer", choices=OPTIMIZERS, default="momentum", help="optimizer")
     sw.add_argument("--no-noise-scale", action="store_true", help="skip measuring B_simple at the target")
-    sw.add_argument("--figure", default="nbbatch_sweep.png", help="write the figure here ('' for none)")
-    sw.add_argument("--seed", type=int, default=0)
-    sw.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    sw.add_argument("--figure", metavar="PATH", default="nbbatch_sweep.png", help="write the figure to this file ('' for none)")
+    sw.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch order")
+    sw.add_argument("--threads", type=int, default=None, help="torch CPU threads, >= 1 (none: torch's choice)")
 
 
-def sweep(args: argparse.Namespace, out=sys.stdout) -> int:
+def check_sweep_args(args: argparse.Namespace) -> None:
+    """Raise ValueError naming the option for arguments ``sweep`` would refuse (before any output)."""
+    _check_number(args.threads, "--threads", minimum=1, integer=True, inclusive=True)
+    _check_number(args.num_samples, "--num-samples", minimum=1, integer=True, inclusive=True)
+    _check_number(args.max_steps, "--max-steps", minimum=1, integer=True, inclusive=True)
+    _check_number(args.max_examples, "--max-examples", integer=True, inclusive=True)
+    _check_number(args.lr, "--lr")
+    _check_output(args.figure, "--figure")
+
+
+def sweep(args: argparse.Namespace, out=None) -> int:
+    out = sys.stdout if out is None else out
     import torch
 
     from . import data as datasets
     from .diagnostics import sweep as run_sweep
     from .models import make_model
 
+    check_sweep_args(args)
     batch_sizes = parse_batch_sizes(args.batch_sizes)
     factors = _floats(args.lr_factors, "--lr-factors")
     lrs = _floats(args.lrs, "--lrs") if args.lrs else None
@@ -136,23 +221,28 @@ def sweep(args: argparse.Namespace, out=sys.stdout) -> int:
     bundle = datasets.load_dataset(args.dataset, **kwargs)
     target = ("accuracy", args.target_accuracy) if args.target_accuracy is not None else ("loss", args.target_loss)
     lr_options = {"lrs": lrs} if lrs else {"lr": args.lr, "scale_rule": args.scale_rule, "lr_factors": factors}
-    print(f"# {bundle.description}; model {args.model}; optimizer {args.optimizer}", file=out)
     budget = f"{args.max_steps} steps" + (f" or {args.max_examples} examples" if args.max_examples else "")
-    print(f"# target: {args.eval} {target[0]} {'<=' if target[0] == 'loss' else '>='} {target[1]:g} "
-          f"within {budget}", file=out)
-    print(f"{'batch':>6} {'lr':>8} {'reached':>7} {'steps':>6} {'examples':>9} {'best':>8}", file=out, flush=True)
+    # The header waits for the first finished run: the sweep checks its arguments first, and an
+    # error must come before any output.
+    header = [f"# {bundle.description}; model {args.model}; optimizer {args.optimizer}",
+              f"# target: {args.eval} {target[0]} {'<=' if target[0] == 'loss' else '>='} {target[1]:g} "
+              f"within {budget}",
+              f"{'batch':>6} {'lr':>8} {'reached':>7} {'steps':>6} {'examples':>9} {'best':>8}"]
 
     def progress(run):
+        while header:
+            _write(header.pop(0), out)
         steps = "-" if run["steps"] is None else str(run["steps"])
         examples = "-" if run["examples"] is None else str(run["examples"])
         flag = "diverged" if run["diverged"] else ("yes" if run["reached"] else "no")
-        print(f"{run['batch_size']:6d} {run['lr']:8.4g} {flag:>7} {steps:>6} {examples:>9} {run['best']:8.4f}",
-              file=out, flush=True)
+        _write(f"{run['batch_size']:6d} {run['lr']:8.4g} {flag:>7} {steps:>6} {examples:>9} {run['best']:8.4f}", out)
 
     res = run_sweep(lambda: make_model(args.model, bundle), bundle, batch_sizes, target=target,
                     max_steps=args.max_steps, max_examples=args.max_examples or None, eval_data="test" if args.eval == "test" else None,
                     noise_scale=not args.no_noise_scale, seed=args.seed, optimizer=args.optimizer,
                     progress=progress, **lr_options)
+    while header:
+        _write(header.pop(0), out)
     print("\nbest learning rate per batch size:", file=out)
     print(f"{'batch':>6} {'lr':>8} {'steps':>6} {'examples':>9} {'B_simple':>9}", file=out)
     for r in res.best:
@@ -175,13 +265,15 @@ def sweep(args: argparse.Namespace, out=sys.stdout) -> int:
     return 0
 
 
-def train(args: argparse.Namespace, out=sys.stdout) -> int:
+def train(args: argparse.Namespace, out=None) -> int:
+    out = sys.stdout if out is None else out
     import torch
 
     from . import data as datasets
     from .models import make_model
     from .trainer import Trainer
 
+    check_train_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -204,19 +296,24 @@ def train(args: argparse.Namespace, out=sys.stdout) -> int:
         losses = t.history.steps["loss"][start["step"]:]
         start["step"] = t.step_count
         train_loss = sum(losses) / len(losses) if losses else float("nan")
-        print(f"{row['epoch']:5.2f} {row['step']:6d} {train_loss:10.4f} {row['eval_loss']:9.4f} "
-              f"{row.get('eval_accuracy', float('nan')):8.4f} {t.history.steps['lr'][-1]:9.4g} {row['time']:8.2f}",
-              file=out, flush=True)
+        _write(f"{row['epoch']:5.2f} {row['step']:6d} {train_loss:10.4f} {row['eval_loss']:9.4f} "
+               f"{row.get('eval_accuracy', float('nan')):8.4f} {t.history.steps['lr'][-1]:9.4g} {row['time']:8.2f}", out)
 
     trainer.add_callback("eval_end", on_eval)
     trainer.fit(epochs=args.epochs)
     final = trainer.evaluate()
     print(f"final test accuracy: {final.get('accuracy', float('nan')):.4f}  test loss: {final['loss']:.4f}", file=out)
     if args.save:
-        trainer.save(args.save)
+        try:
+            trainer.save(args.save)
+        except OSError as err:   # named by the path asked for, not the temporary file of the atomic write
+            raise OSError(f"--save {args.save!r}: cannot write the checkpoint ({err.strerror or err})") from None
         print(f"checkpoint written to {args.save}", file=out)
     if args.csv and trainer.is_main_process:
-        trainer.history.to_csv(args.csv)
+        try:
+            trainer.history.to_csv(args.csv)
+        except OSError as err:
+            raise OSError(f"--csv {args.csv!r}: cannot write the history ({err.strerror or err})") from None
     return 0
 
 
@@ -226,20 +323,15 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         argv = ["train"]
     args = parser.parse_args(argv)
-    if args.command == "train":
-        try:
-            return train(args)
-        except (ValueError, TypeError) as err:
-            print(f"nbbatch: error: {err}", file=sys.stderr)
-            return 2
-    if args.command == "sweep":
-        try:
-            return sweep(args)
-        except (ValueError, TypeError) as err:
-            print(f"nbbatch: error: {err}", file=sys.stderr)
-            return 2
-    parser.print_help()
-    return 1
+    commands = {"train": train, "sweep": sweep}
+    if args.command not in commands:
+        parser.print_help()
+        return 1
+    try:
+        return commands[args.command](args)
+    except (ValueError, TypeError, OSError) as err:   # bad arguments, unreadable data, unwritable files
+        print(f"nbbatch {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

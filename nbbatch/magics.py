@@ -1,10 +1,14 @@
 """The IPython extension: ``%load_ext nbbatch`` registers ``%nbbatch_env`` and ``%%peakmem``.
 
-``%nbbatch_env`` prints the device nbbatch would train on, the torch version, threads and memory.
-``%%peakmem`` runs a cell and prints its peak memory: on CUDA the peak of torch's allocator
+``%nbbatch_env`` prints the device nbbatch would train on, the torch version, threads and memory:
+in a container (Binder, Docker, a batch job) the limits of its cgroup (v2 ``memory.max`` and
+``cpu.max``, v1 ``memory.limit_in_bytes`` and ``cpu.cfs_quota_us``), which are what the kernel
+can use, not the host's memory and cores.
+``%%peakmem`` runs a cell and prints its own peak memory: on CUDA the peak of torch's allocator
 (``torch.cuda.max_memory_allocated``) above what was allocated before the cell; on the CPU the
 peak resident set size of the process during the cell, read from Linux's ``VmHWM`` after
-resetting it (``/proc/self/clear_refs``), else sampled from the RSS every few milliseconds.
+resetting it for this cell (``/proc/self/clear_refs``), else sampled from the RSS every few
+milliseconds (and the report says so). It also says how much the cell left resident.
 """
 
 from __future__ import annotations
@@ -49,6 +53,88 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+CGROUP_ROOT = "/sys/fs/cgroup"
+_NO_LIMIT = 2**60      # cgroup v1 writes "no limit" as a huge page-rounded number
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _cgroup_dirs(root: str, controller: str | None, proc_cgroup: str | None, mount: str | None = None) -> list[str]:
+    """Candidate directories of this process's cgroup for ``controller`` (None: the v2 hierarchy).
+
+    A container usually sees its own cgroup mounted at the root (its /proc/self/cgroup path then
+    means nothing inside it), so the root is tried after the path /proc/self/cgroup names.
+    """
+    text = proc_cgroup if proc_cgroup is not None else (_read("/proc/self/cgroup") or "")
+    base = root if controller is None else os.path.join(root, mount or controller)
+    dirs = []
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if (controller is None and parts[0] == "0" and controllers == "") or \
+                (controller is not None and controller in controllers.split(",")):
+            dirs.append(os.path.join(base, path.lstrip("/")))
+    dirs.append(base)
+    return dirs
+
+
+def container_limits(root: str = CGROUP_ROOT, proc_cgroup: str | None = None) -> dict:
+    """The memory limit, memory in use and CPU quota of this process's cgroup (v2, else v1).
+
+    Returns a dict with ``memory_limit`` and ``memory_used`` in bytes, ``cpu_quota`` in cores
+    (e.g. 1.0 for ``cpu.max`` = ``100000 100000``) and ``source`` (``"cgroup v2"``,
+    ``"cgroup v1"``); a value is None where there is no limit or it cannot be read.
+
+    Example:
+        >>> sorted(container_limits(root="/nonexistent"))
+        ['cpu_quota', 'memory_limit', 'memory_used', 'source']
+    """
+    out = {"memory_limit": None, "memory_used": None, "cpu_quota": None, "source": None}
+    for d in _cgroup_dirs(root, None, proc_cgroup):                       # cgroup v2
+        mem = _read(os.path.join(d, "memory.max"))
+        cpu = _read(os.path.join(d, "cpu.max"))
+        if mem is None and cpu is None:
+            continue
+        out["source"] = "cgroup v2"
+        if mem and mem != "max":
+            out["memory_limit"] = int(mem)
+        used = _read(os.path.join(d, "memory.current"))
+        out["memory_used"] = int(used) if used and used.isdigit() else None
+        if cpu and cpu.split()[0] != "max":
+            quota, period = cpu.split()[:2]
+            out["cpu_quota"] = int(quota) / int(period)
+        return out
+    for d in _cgroup_dirs(root, "memory", proc_cgroup):                   # cgroup v1
+        mem = _read(os.path.join(d, "memory.limit_in_bytes"))
+        if mem is None:
+            continue
+        out["source"] = "cgroup v1"
+        if mem.isdigit() and int(mem) < _NO_LIMIT:
+            out["memory_limit"] = int(mem)
+        used = _read(os.path.join(d, "memory.usage_in_bytes"))
+        out["memory_used"] = int(used) if used and used.isdigit() else None
+        break
+    for mount in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):     # where distributions mount the v1 cpu controller
+        for d in _cgroup_dirs(root, "cpu", proc_cgroup, mount):
+            quota = _read(os.path.join(d, "cpu.cfs_quota_us"))
+            period = _read(os.path.join(d, "cpu.cfs_period_us"))
+            if quota is None or period is None:
+                continue
+            out["source"] = out["source"] or "cgroup v1"
+            if int(quota) > 0:
+                out["cpu_quota"] = int(quota) / int(period)
+            return out
+    return out
+
+
 def memory_info() -> dict:
     """Total and available system memory in bytes (None where unknown).
 
@@ -78,10 +164,16 @@ def env_report() -> dict:
     """
     device = resolve_device("auto")
     mem = memory_info()
+    limits = container_limits()
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = os.cpu_count()
     report = {"device": describe_device(device), "torch": torch.__version__, "python": platform.python_version(),
-              "threads": torch.get_num_threads(), "cpu_cores": os.cpu_count(),
-              "memory_total": mem["total"], "memory_available": mem["available"],
-              "process_rss": current_rss_bytes()}
+              "threads": torch.get_num_threads(), "cpu_cores": os.cpu_count(), "cpus_usable": usable,
+              "cpu_quota": limits["cpu_quota"], "memory_total": mem["total"], "memory_available": mem["available"],
+              "memory_limit": limits["memory_limit"], "memory_used": limits["memory_used"],
+              "limits_source": limits["source"], "process_rss": current_rss_bytes()}
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         report.update(device_memory_total=total, device_memory_free=free)
@@ -92,11 +184,23 @@ def format_env(report: dict) -> str:
     def mib(v):
         return "?" if v is None else f"{v / MIB:,.0f} MiB"
 
+    cores = f"{report['threads']} torch threads, {report['cpu_cores']} CPU cores"
+    if report.get("cpu_quota") is not None:
+        cores += f" (container quota: {report['cpu_quota']:g} core{'s' if report['cpu_quota'] != 1 else ''})"
+    elif report.get("cpus_usable") not in (None, report["cpu_cores"]):
+        cores += f" ({report['cpus_usable']} usable by this process)"
+    if report.get("memory_limit") is not None:
+        limit, used = report["memory_limit"], report.get("memory_used")
+        memory = (f"{mib(limit)} container limit ({report['limits_source']})"
+                  + (f", {mib(used)} used, {mib(max(limit - used, 0))} left" if used is not None else "")
+                  + f"; this process {mib(report['process_rss'])}")
+    else:
+        memory = (f"{mib(report['memory_available'])} available of {mib(report['memory_total'])} (no container "
+                  f"limit found); this process {mib(report['process_rss'])}")
     lines = [f"device:  {report['device']}",
              f"torch:   {report['torch']} (python {report['python']})",
-             f"threads: {report['threads']} torch threads, {report['cpu_cores']} CPU cores",
-             f"memory:  {mib(report['memory_available'])} available of {mib(report['memory_total'])}; "
-             f"this process {mib(report['process_rss'])}"]
+             f"threads: {cores}",
+             f"memory:  {memory}"]
     if "device_memory_total" in report:
         lines.append(f"device memory: {mib(report['device_memory_free'])} free of {mib(report['device_memory_total'])}")
     return "\n".join(lines)
@@ -122,6 +226,7 @@ class PeakMemory:
     interval: float = 0.002
     peak_bytes: int = 0
     start_bytes: int = 0
+    end_bytes: int = 0
     method: str = ""
 
     def __enter__(self) -> "PeakMemory":
@@ -161,11 +266,21 @@ class PeakMemory:
             self._thread.join()
             peak = max(self._max, current_rss_bytes() or 0)
         self.peak_bytes = max(peak - self.start_bytes, 0)
+        if self._device.type == "cuda":
+            self.end_bytes = torch.cuda.memory_allocated(self._device)
+        else:
+            self.end_bytes = current_rss_bytes() or 0
 
     def describe(self) -> str:
         where = str(self._device) if self._device.type == "cuda" else "process RSS"
-        return (f"peak memory: {self.peak_bytes / MIB:,.1f} MiB above the start "
-                f"({where}, {self.start_bytes / MIB:,.0f} MiB before the cell; measured by {self.method})")
+        how = {"VmHWM": "the peak RSS reset for this cell (VmHWM)",
+               "sampled": f"RSS sampled every {self.interval * 1000:g} ms: this system does not let the peak "
+                          "be reset, a shorter peak may be missed",
+               "cuda allocator": "torch's allocator peak"}.get(self.method, self.method)
+        kept = (self.end_bytes - self.start_bytes) / MIB
+        return (f"peak memory: {self.peak_bytes / MIB:,.1f} MiB above the start of this cell "
+                f"({where}, {self.start_bytes / MIB:,.0f} MiB before it; {kept:+,.1f} MiB still held after it; "
+                f"measured by {how})")
 
 
 def _magics_class():

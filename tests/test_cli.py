@@ -1,4 +1,5 @@
 import io
+import re
 
 import pytest
 
@@ -86,3 +87,102 @@ def test_sweep_bad_arguments_exit_with_a_message(capsys, tmp_path, monkeypatch):
     assert "4096 is larger than the training set" in capsys.readouterr().err
     assert cli.main(["sweep", "--dataset", "digits", "--lrs", "0.1,-1", "--figure", ""]) == 2
     assert "lrs must hold finite numbers > 0" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- help, checks before output
+def _subparser(name):
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    return sub.choices[name]
+
+
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_help_describes_every_option_with_its_default(command):
+    sub = _subparser(command)
+    text = sub.format_help().split("options:", 1)[1]
+    for action in sub._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        assert action.help, f"{action.option_strings[0]} has no description"
+        # the option's line(s) in --help: from its name to the next option
+        block = re.split(r"\n  " + re.escape(action.option_strings[0]) + r"[ \n]", text, maxsplit=1)[1]
+        block = block.split("\n  --", 1)[0]
+        block = " ".join(block.split())
+        if action.default not in (None, False):
+            assert f"(default: {action.default})" in block, action.option_strings[0]
+        elif action.default is None:
+            assert "(default: none)" in block or "(none:" in block, action.option_strings[0]
+        if action.choices:   # help and error list the same choices
+            assert "(one of: " + ", ".join(map(str, action.choices)) + ")" in block
+
+
+def test_dataset_help_and_error_list_the_same_choices(capsys):
+    block = " ".join(_subparser("train").format_help().split("options:", 1)[1].split("--dataset NAME", 1)[1].split("--num-samples")[0].split())
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--dataset", "nope"])
+    err = capsys.readouterr().err
+    listed = err.split("choose from ", 1)[1]
+    for name in cli.DATASETS:
+        assert name in block and f"'{name}'" in listed
+    assert listed.count("'") == 2 * len(cli.DATASETS)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--threads", "-1"], "--threads must be an integer >= 1, got -1"),
+    (["--threads", "0"], "--threads must be an integer >= 1, got 0"),
+    (["--epochs", "-1"], "--epochs must be a number > 0, got -1"),
+    (["--epochs", "nan"], "--epochs must be a number > 0"),
+    (["--num-samples", "0"], "--num-samples must be an integer >= 1"),
+])
+def test_bad_numbers_are_refused_before_any_output(argv, message, capsys):
+    assert cli.main(["train", *argv]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and message in err and "Traceback" not in err
+
+
+def test_output_paths_are_checked_before_training(tmp_path, capsys):
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    cases = [(["--save", str(afile / "ck.pt")], f"--save '{afile / 'ck.pt'}'", "is a file, not a directory"),
+             (["--csv", str(tmp_path / "missing" / "h.csv")], "--csv", "does not exist"),
+             (["--save", str(tmp_path)], "--save", "is a directory")]
+    for argv, option, why in cases:
+        assert cli.main(["train", "--dataset", "digits", *argv]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and option in err and why in err and "Traceback" not in err
+        assert ".tmp" not in err                    # the path asked for, not a temporary file
+
+
+def test_a_failed_checkpoint_write_names_the_option_and_the_path(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NBBATCH_CACHE", str(tmp_path))
+    from nbbatch import trainer as trainer_mod
+
+    def refuse(self, path):
+        raise PermissionError(13, "Permission denied", str(path) + ".tmp123")
+    monkeypatch.setattr(trainer_mod.Trainer, "save", refuse)
+    target = tmp_path / "ck.pt"
+    assert cli.main(["train", "--dataset", "digits", "--epochs", "0.1", "--save", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert f"--save '{target}': cannot write the checkpoint (Permission denied)" in err
+    assert ".tmp123" not in err and "Traceback" not in err
+
+
+def test_sweep_refuses_bad_arguments_before_any_output(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NBBATCH_CACHE", str(tmp_path))
+    for argv, message in ((["--threads", "-1"], "--threads"), (["--figure", str(tmp_path / "no" / "f.png")], "--figure"),
+                          (["--batch-sizes", "16,4096", "--figure", ""], "4096 is larger than the training set")):
+        assert cli.main(["sweep", "--dataset", "digits", *argv]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and message in err
+
+
+def test_table_rows_pass_above_a_progress_bar(tmp_path, monkeypatch, capsys):
+    """With the bar on, every table row is a whole line of stdout (written through tqdm)."""
+    monkeypatch.setenv("NBBATCH_CACHE", str(tmp_path))
+    monkeypatch.setenv("NBBATCH_PROGRESS", "1")
+    assert cli.main(["train", "--dataset", "digits", "--batch-size", "128", "--epochs", "2"]) == 0
+    out, err = capsys.readouterr()
+    rows = out.splitlines()
+    assert rows[2].split()[0] == "epoch" and [r.split()[0] for r in rows[3:5]] == ["1.00", "2.00"]
+    assert "%|" not in out                               # no bar fragment in the table
+    assert "B=128 momentum lr=0.05" in err and "loss" in err and "24/24" in err   # the labelled bar, on stderr

@@ -4,7 +4,9 @@ import threading
 import warnings
 import time
 
+import numpy as np
 import pytest
+import traitlets
 import torch
 
 pytest.importorskip("ipywidgets")
@@ -268,10 +270,13 @@ def test_rejected_settings_are_shown_and_keep_the_run(small):
     p.batch_size_w.value = 1024               # larger than the 800 training examples
     p.train_button.click()
     assert "batch_size=1024 is larger" in str(p.error) and "1024" in p.message.value
-    p.batch_size_w.value = 8
-    p.accumulate_w.value = 16                 # accumulate > batch size
-    p.reset_button.click()
-    assert "accumulate=16" in str(p.error)
+    p.batch_size_w.value = 16
+    p.accumulate_w.value = 16
+    p.batch_size_w.value = 8                  # accumulate 16 would be refused: not offered, clamped, said
+    assert 16 not in p.accumulate_w.options and p.accumulate_w.value == 8
+    assert "accumulate set to 8" in p.message.value
+    with pytest.raises(traitlets.TraitError):
+        p.accumulate_w.value = 16
     assert (p.trainer, p.trainer.step_count, len(p.trainer.history)) == before
     p.batch_size_w.value, p.accumulate_w.value = 100, 1
     p.warmup_w.value = 500                    # longer than the run: refused by fit, before any step
@@ -356,7 +361,7 @@ def test_random_clicks_and_slider_moves_during_training(small, tmp_path):
         lambda: setattr(p.lr_w, "value", 10 ** rng.uniform(-3, -0.5)),
         lambda: setattr(p.warmup_w, "value", rng.choice([0, 10, 20, 500])),
         lambda: setattr(p.batch_size_w, "value", rng.choice([8, 16, 32, 64, 1024, 4096])),
-        lambda: setattr(p.accumulate_w, "value", rng.choice([1, 2, 16])),
+        lambda: setattr(p.accumulate_w, "value", rng.choice(p.accumulate_w.options)),   # only what is offered
         lambda: setattr(p.optimizer_w, "value", rng.choice(["sgd", "momentum", "adam"])),
     ]
     try:
@@ -527,22 +532,71 @@ def test_comparison_rejects_bad_configs(small):
 
 
 # ---------------------------------------------------------------------- figures
-def test_live_figure_plots_the_history():
+def _noisy_history(n, noise_scale=False):
     h = History()
-    for s in range(1, 4001):
-        h.steps.append({"step": s, "epoch": s / 100, "examples": 8 * s, "loss": 2.0 / s, "lr": 0.1,
-                        "batch_size": 8, "time": 0.01 * s, "examples_per_s": 800.0, "peak_memory": None,
-                        "noise_scale": float(s)})
+    for s in range(1, n + 1):
+        row = {"step": s, "epoch": s / 100, "examples": 8 * s, "loss": 2.0 / s * (1.5 if s % 2 else 0.5), "lr": 0.1,
+               "batch_size": 8, "time": 0.01 * s, "examples_per_s": 800.0, "peak_memory": None}
+        if noise_scale:
+            row["noise_scale"] = float(s)
+        h.steps.append(row)
+    return h
+
+
+def test_live_figure_plots_the_history():
+    h = _noisy_history(4000, noise_scale=True)
     h.evals.append({"step": 100, "epoch": 1.0, "examples": 800, "time": 1.0, "eval_loss": 0.5, "eval_accuracy": 0.7})
     fig = LiveFigure(["B=8"])
     png = fig.png([h])
     assert png[:4] == b"\x89PNG"
-    xs, ys = fig._lines[("loss vs step", 0)].get_data()
-    assert len(xs) <= plots.MAX_POINTS and xs[-1] == 4000 and ys[-1] == pytest.approx(2.0 / 4000)
-    assert list(fig._lines[("eval metric vs step", 0)].get_ydata()) == [0.7]
+    xs, ys = fig._lines[("raw", 0)].get_data()
+    loss = np.array(h.steps["loss"])
+    # cut to what the pixels show, the band kept: its first and last steps, its minimum and maximum
+    assert len(xs) <= 2 * fig._columns + 2 < 4000 and xs[0] == 1 and xs[-1] == 4000
+    assert ys.min() == loss.min() and ys.max() == loss.max()
+    sx, sy = fig._lines[("smooth", 0)].get_data()
+    assert sx[-1] == 4000 and np.ptp(sy[-50:]) < np.ptp(loss[-50:]) / 10   # smoothed: the alternation averaged out
+    assert list(fig._lines[("metric", 0)].get_ydata()) == [0.7]
+    assert list(fig._lines[("eval", 0)].get_ydata()) == [0.5]
+    assert fig.axes["test metric"].get_title() == "test accuracy"
     assert fig._noise_ax is not None and fig._lines[("noise", 0)].get_xdata()[-1] == 4000
     with pytest.raises(ValueError, match="histories"):
         fig.update([h, h])
+    with pytest.raises(ValueError, match="x="):
+        LiveFigure(["B=8"], x="epochs")
+
+
+def test_live_figure_is_readable():
+    """Axis labels, a legend for one run, compact ticks, a 2x2 layout at display size."""
+    h = _noisy_history(20_000)
+    fig = LiveFigure(["B=8"], x="examples")
+    fig.png([h])
+    assert len(fig.axes) == 4
+    w, hgt = fig.figure.get_size_inches() * fig.figure.dpi
+    assert w <= 1000 and fig.figure.dpi >= 96                         # fits an 1100 px window, not upscaled
+    legend = [t.get_text() for t in fig.axes["loss"].get_legend().get_texts()]
+    assert legend == ["train, per step", "train, smoothed", "test"]
+    assert fig.axes["examples/s"].get_xlabel() == "examples seen" and fig.axes["loss"].get_ylabel() == "loss"
+    fig.canvas.draw()
+    ticks = [t.get_text() for t in fig.axes["examples/s"].get_xticklabels() if t.get_text()]
+    assert ticks and all(len(t) <= 5 for t in ticks) and any(t.endswith("k") for t in ticks)   # '50k', not '50000'
+    assert [plots.compact(v) for v in (50_000, 1_500_000, 0.05)] == ["50k", "1.5M", "0.05"]
+    race = LiveFigure(["B=16", "B=128"], x="time")
+    race.png([h, h])
+    legend = [t.get_text() for t in race.axes["loss"].get_legend().get_texts()]
+    assert legend[:2] == ["B=16", "B=128"] and "test" in legend
+    assert race.axes["loss"].get_xlabel() == "" and race.axes["examples/s"].get_xlabel() == "training time (s)"
+
+
+def test_envelope_keeps_extremes_and_order():
+    rng = np.random.default_rng(0)
+    x = np.arange(10_001.0)
+    y = rng.normal(size=x.size)
+    ex, ey = plots.envelope(x, y, 300)
+    assert len(ex) <= 602 and np.all(np.diff(ex) > 0)
+    assert ey.max() == y.max() and ey.min() == y.min() and ex[0] == 0 and ex[-1] == 10_000
+    small_x, small_y = plots.envelope(x[:100], y[:100], 300)
+    assert np.array_equal(small_y, y[:100])
 
 
 def test_live_figure_uses_a_linear_loss_axis_for_losses_at_or_below_zero():
@@ -554,10 +608,10 @@ def test_live_figure_uses_a_linear_loss_axis_for_losses_at_or_below_zero():
     with warnings.catch_warnings():
         warnings.simplefilter("error")                       # matplotlib's "no positive values" warning
         fig.png([h])
-    assert {fig.axes[t].get_yscale() for _, y, t in plots.PANELS if y == "loss"} == {"linear"}
+    assert fig.axes["loss"].get_yscale() == "linear"
     h.steps.truncate(2)
     fig.png([h])
-    assert {fig.axes[t].get_yscale() for _, y, t in plots.PANELS if y == "loss"} == {"log"}
+    assert fig.axes["loss"].get_yscale() == "log"
 
 
 def test_snapshot_cuts_columns_to_a_common_length():
@@ -631,3 +685,172 @@ def test_panel_runs_have_no_progress_bar(small, capsys, monkeypatch):
     p = TrainingPanel(data=small, epochs=1, headless=True, values={"batch_size": 100})
     p.train_button.click()
     assert p.trainer.step_count == 8 and capsys.readouterr().err == ""
+
+
+def test_fit_progress_bar_is_labelled_and_closed(small, capsys, monkeypatch):
+    """The bar names the run and shows step/total, loss and examples/s; a terminal bar is closed at the end."""
+    import tqdm as tqdm_mod
+
+    t = make_trainer(small)
+    t.fit(steps=12, progress=True)
+    err = capsys.readouterr().err
+    assert f"B={t.config.batch_size} " in err and f"lr={t.peak_lr:.3g}" in err
+    assert "12/12" in err and "loss " in err and "ex/s" in err
+    assert not tqdm_mod.tqdm._instances                     # no bar left open
+    # in a notebook the widget stays; a fit that ends early says where it ended
+    bars = []
+
+    class FakeNotebookBar(tqdm_mod.std.tqdm):
+        def __init__(self, *a, **k):
+            super().__init__(*a, file=__import__("io").StringIO(), **k)
+            bars.append(self)
+    monkeypatch.setattr("tqdm.auto.tqdm", FakeNotebookBar)
+    t.add_callback("step_end", lambda tr, row: tr.request_stop() if tr.step_count == 15 else None)
+    t.fit(steps=10, progress=True)
+    assert bars[0].leave and bars[0].n == 3 and "(ended at step 3)" in bars[0].desc
+
+
+# ---------------------------------------------------------------------- a panel that guides
+def test_panel_trains_at_the_exact_lr_given_or_typed(small):
+    p = TrainingPanel(data=small, epochs=1, headless=True, values={"lr": 0.05, "batch_size": 100})
+    assert p.lr_w.value == 0.05 and p.lr_slider.value == 0.05      # no snapping to a slider grid
+    p.train_button.click()
+    assert p.trainer.lr == 0.05 and set(p.trainer.history.steps["lr"]) == {0.05}
+    p.lr_w.value = 0.0123                                           # typed: exact, and the slider follows
+    assert p.lr_slider.value == 0.0123
+    p.train_button.click()
+    assert p.trainer.history.steps["lr"][-1] == 0.0123
+    p.lr_slider.value = 0.2                                         # the slider's stops are round values
+    assert p.lr_w.value == 0.2 and p.trainer.lr == 0.2
+    stops = [v for _, v in p.lr_slider.options]
+    ratios = [b / a for a, b in zip(stops, stops[1:])]
+    assert all(1 < r <= 2.0 for r in ratios)                        # logarithmic: a steady ratio per stop
+    p.lr_w.value = -1                                               # refused, shown, the lr kept
+    assert p.lr_w.value == 0.2 and "learning rate must be a number &gt; 0" in p.message.value
+
+
+def test_panel_checks_settings_as_they_change(small):
+    p = TrainingPanel(data=small, epochs=1, headless=True, values={"batch_size": 16, "accumulate": 16})
+    assert p.check_settings() is None
+    p.batch_size_w.value = 4                      # accumulate 16 cannot split 4 examples: clamped, said
+    assert p.accumulate_w.value == 4 and max(p.accumulate_w.options) == 4
+    assert "accumulate set to 4" in p.message.value
+    assert p.trainer is None                      # nothing was built or trained by checking
+    p.warmup_w.value = 20
+    assert p.check_settings() is None
+
+
+def test_panel_defaults_and_wording(small):
+    p = TrainingPanel(data=small, values={"batch_size": 100})
+    assert 10 <= p.epochs <= 20 and p.epochs_w.value == p.epochs
+    assert "run this cell" in repr(p)
+    bundle = p._repr_mimebundle_()
+    assert "run this cell" in bundle["text/plain"] and "application/vnd.jupyter.widget-view+json" in bundle
+    p.headless = True
+    p.epochs = 1
+    p.train_button.click()
+    assert "test accuracy" in p.status.value and "test loss" in p.status.value
+    assert "step 8 / 8 (100%)" in p.progress_text.value and "done" in p.progress_text.value
+    rc = RunComparison([{"batch_size": 100}], data=small, epochs=1, headless=True)
+    assert "run this cell" in rc._repr_mimebundle_()["text/plain"]
+    rc.train()
+    assert "test accuracy" in rc.status.value and "step 8 / 8" in rc.status.value
+    assert rc._figure.x == "time"                 # the race is plotted against training time
+    p.close()
+    rc.close()
+
+
+def test_panel_progress_says_how_long_is_left(small):
+    p = TrainingPanel(data=small, epochs=200, refresh=0.05, values={"batch_size": 32})
+    try:
+        p.train_button.click()
+        deadline = time.monotonic() + TIMEOUT
+        while "left" not in p.progress_text.value and time.monotonic() < deadline:
+            time.sleep(0.05)
+        text = p.progress_text.value
+        assert "left" in text and " / 5,000 (" in text
+    finally:
+        p.close()
+
+
+def test_live_panel_draws_its_first_frame_within_a_second_and_then_keeps_drawing(small):
+    p = TrainingPanel(data=small, epochs=1000, values={"batch_size": 32})
+    p._build()
+    seen = []
+    p.image.observe(lambda ch: seen.append(time.perf_counter()), names="value")
+    try:
+        t0 = time.perf_counter()
+        p.train_button.click()
+        deadline = t0 + TIMEOUT
+        while len(seen) < 3 and time.perf_counter() < deadline:
+            time.sleep(0.02)
+        assert len(seen) >= 3
+        # a generous bound for a loaded machine: the design aims at 0.3 s and then 1 s per frame
+        assert seen[0] - t0 < 3.0 and p._refresher.first <= 1.0 and p._refresher.max_gap <= 2.0
+    finally:
+        p.close()
+
+
+def test_live_frames_redraw_only_the_data_and_match_a_full_draw():
+    """Between limit changes a frame restores the kept background and draws the lines: same pixels."""
+    import io
+
+    from PIL import Image
+
+    h = _noisy_history(1000)
+    fig = LiveFigure(["B=8"])
+    fig.png([h])
+    full = fig.full_draws
+    h.steps.truncate(900)                                 # inside the limits: no new background
+    h2 = History()
+    for row in _noisy_history(1000).steps.rows()[:950]:
+        h2.steps.append(row)
+    png = fig.png([h2])
+    assert fig.full_draws == full
+    static = LiveFigure(["B=8"], live=False)
+    static.update([h2])
+    for name, ax in static.axes.items():
+        ax.set_autoscale_on(False)
+        ax.set_xlim(fig.axes[name].get_xlim())
+        ax.set_ylim(fig.axes[name].get_ylim())
+    a = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=int)
+    b = np.asarray(Image.open(io.BytesIO(static.png())).convert("RGB"), dtype=int)
+    assert a.shape == b.shape and np.mean(np.abs(a - b) > 8) < 0.001
+    h3 = _noisy_history(3000)                             # beyond the x limit: a new background, with headroom
+    fig.png([h3])
+    assert fig.full_draws == full + 1 and fig.axes["loss"].get_xlim()[1] > 3000
+
+
+def test_the_panel_fixes_the_x_axis_to_the_runs_end(small):
+    p = TrainingPanel(data=small, epochs=2, headless=True, values={"batch_size": 100})
+    p.train_button.click()
+    assert p._figure.x_end == 16 and p._figure.axes["loss"].get_xlim() == (0.0, 16.0)   # not past the end
+    long = LiveFigure(["a"])
+    long.x_end = 1_000_000
+    long.png([_noisy_history(1000)])
+    assert 1000 < long.axes["loss"].get_xlim()[1] <= 2000     # a long run: the axis grows with the data
+    ex = LiveFigure(["a", "b"], x="examples")
+    ex.set_x_end([10, 4], [8, 32])
+    assert ex.x_end == 128
+    race = LiveFigure(["a"], x="time")
+    race.set_x_end([10], [8])
+    assert race.x_end is None
+    assert plots._nice(0.37, 2.4, log=True) == (0.2, 5.0)
+    lo, hi = plots._nice(0.13, 0.87, log=False)
+    assert lo <= 0.13 and hi >= 0.87 and plots._nice(0.12, 0.86, log=False) == (lo, hi)   # small changes: same limits
+    p.close()
+
+
+def test_the_figure_is_hidden_until_there_is_one(small):
+    p = TrainingPanel(data=small, epochs=1, headless=True, values={"batch_size": 100})
+    assert p.image.layout.display == "none" and p.image.value == b""
+    p.train_button.click()
+    assert p.image.layout.display is None and p.image.value[:4] == b"\x89PNG"
+    assert p.image.layout.margin == "0"         # 100% wide without a margin: no sideways overflow
+    p.close()
+
+
+def test_a_live_panel_shows_empty_axes_before_the_first_train(small):
+    p = TrainingPanel(data=small, epochs=1, values={"batch_size": 100})
+    assert p.trainer is None and p.image.value[:4] == b"\x89PNG" and p.image.layout.display is None
+    p.close()

@@ -1,7 +1,7 @@
 """Live training controls for Jupyter: panels that train in a background thread.
 
-Importing this package imports ipywidgets and matplotlib (install ``nbbatch[lab]``); it starts
-nothing. ``RunController`` is the widget-free core the panels are thin clients of.
+Importing this package imports ipywidgets and matplotlib (both dependencies of nbbatch); it
+starts nothing. JupyterLab itself comes with ``nbbatch[lab]``. ``RunController`` is the widget-free core the panels are thin clients of.
 """
 
 from .compare import RunComparison, compare

@@ -52,6 +52,8 @@ class RunComparison:
             time) or ``"steps"`` (round robin, deterministic order).
         headless: Train blocks until every run ends; no live redraws.
         refresh: seconds between live-figure frames.
+        x: the figure's x axis, ``"step"``, ``"examples"`` or ``"time"`` (default: ``"time"`` for a
+            race on wall time, else ``"step"``).
 
     Example:
         >>> from nbbatch import data
@@ -63,7 +65,7 @@ class RunComparison:
 
     def __init__(self, configs: Sequence[Mapping[str, Any] | Any], *, data=None, labels: Sequence[str] | None = None,
                  epochs: float | None = 5, steps: int | None = None, interleave: str = "time",
-                 headless: bool = False, refresh: float = 1.0, seed: int = 0):
+                 headless: bool = False, refresh: float = 1.0, seed: int = 0, x: str | None = None):
         if isinstance(configs, (str, bytes)) or not isinstance(configs, Sequence) or not configs:
             raise ValueError("configs: give a non-empty list of option dicts or Trainers")
         if interleave not in INTERLEAVE:
@@ -72,6 +74,11 @@ class RunComparison:
             epochs = None
         if epochs is None and steps is None:
             raise ValueError("give epochs=... or steps=...")
+        if x is None:
+            x = "time" if interleave == "time" else "step"
+        if x not in ("step", "examples", "time"):
+            raise ValueError(f"x={x!r} is not known; use 'step', 'examples' or 'time'")
+        self.x = x
         check_length(epochs, steps)   # now, not as a message at the first Train (a headless compare() would not train)
         if not isinstance(headless, bool):
             raise TypeError(f"headless must be True or False, got {headless!r}")
@@ -96,7 +103,7 @@ class RunComparison:
         self.headless = headless
         self.controller = RunController(trainers, labels=labels, interleave=interleave)
         self.controller.on_change(self._on_run_change)
-        self._figure = LiveFigure(labels)
+        self._figure = LiveFigure(labels, x=x)
         self._refresher = Refresher(self._draw, interval=refresh, tick=self._tick)
         W = widgets
         self.train_button = W.Button(description="Train", button_style="success", icon="play")
@@ -107,17 +114,21 @@ class RunComparison:
         self.stop_button.on_click(lambda _: self.stop())
         self.status = W.HTML(value="idle")
         self.message = W.HTML(value="")
-        self.image = W.Image(format="png", layout=W.Layout(width="100%", max_width="900px"))
+        self.image = W.Image(format="png", layout=W.Layout(width="100%", max_width="1000px", margin="0"))
         self.widget = W.VBox([W.HBox([self.train_button, self.pause_button, self.stop_button]),
-                              self.status, self.message, self.image])
+                              self.status, self.message, self.image], layout=W.Layout(max_width="1000px"))
         t0 = time.perf_counter()     # the empty figure now: it shows at once and sets the redraw throttle
         self.image.value = self._figure.png([snapshot(t.history) for t in self.trainers])
         self._refresher.cost = time.perf_counter() - t0
 
-    def _ipython_display_(self):
-        from IPython.display import display
+    def _repr_mimebundle_(self, **kwargs):
+        data = self.widget._repr_mimebundle_(**kwargs)
+        data["text/plain"] = repr(self)
+        return data
 
-        display(self.widget)
+    def __repr__(self) -> str:
+        return (f"nbbatch RunComparison of {', '.join(self.labels)} (interactive: run this cell in Jupyter "
+                f"to show and use it; a saved notebook shows only this text)")
 
     @property
     def errors(self) -> list:
@@ -137,6 +148,7 @@ class RunComparison:
         except (ValueError, RuntimeError) as err:
             self.message.value = f'<span style="color:#b00020">{html.escape(str(err))}</span>'
             return
+        self._figure.set_x_end(c.ends, [t.config.batch_size for t in self.trainers])
         if self.headless:
             c.wait()
             self._draw()
@@ -174,8 +186,11 @@ class RunComparison:
         rows = []
         for label, t in zip(self.labels, self.trainers):
             ev = t.history.evals.last() or {}
-            acc = ", ".join(f"{k[5:]} {v:.3f}" for k, v in sorted(ev.items()) if k.startswith("eval_") and isinstance(v, float))
-            rows.append(f"{html.escape(label)}: step {t.step_count}, {t.train_time:.1f} s {acc}")
+            acc = ", ".join(f"test {k[5:].replace('_', ' ')} {v:.3f}" for k, v in sorted(ev.items())
+                            if k.startswith("eval_") and isinstance(v, float))
+            end = self.controller.ends[self.labels.index(label)] if self.controller.ends else None
+            of = f" / {end:,}" if end is not None else ""
+            rows.append(f"{html.escape(label)}: step {t.step_count:,}{of}, {t.train_time:.1f} s{', ' + acc if acc else ''}")
         self.status.value = f"<b>{self.controller.state}</b><br>" + "<br>".join(rows)
         errs = self.controller.errors
         if errs:
@@ -183,7 +198,7 @@ class RunComparison:
 
     def figure(self):
         """A static matplotlib Figure of all runs (display it to keep it in a saved notebook)."""
-        fig = LiveFigure(self.labels)
+        fig = LiveFigure(self.labels, x=self.x, live=False)
         fig.update([t.history for t in self.trainers])
         return fig.figure
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 
 import ipywidgets as widgets
 
-from ..config import OPTIMIZERS
+from ..config import OPTIMIZERS, TrainConfig
 from ..device import PRECISIONS, describe_device, process_peak_rss_bytes
 from ..models import MODELS, NORMS
 from .compare import build_trainer
@@ -24,10 +24,33 @@ from .plots import LiveFigure, Refresher, snapshot
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 ACCUMULATE = (1, 2, 4, 8, 16)
+# the learning-rate slider's stops: 1-1.5-2-3-5-7 per decade, exact decimals (any other value is typed)
+LR_GRID = tuple(float(f"{m}e{e}") for e in range(-5, 1) for m in (1, 1.5, 2, 3, 5, 7)) + (10.0,)
+DEFAULT_EPOCHS = 15   # one Train: long enough to see the loss fall, short of overfitting mnist1d
+TEXT_REPR = ("nbbatch TrainingPanel (interactive controls: run this cell in Jupyter to show and use "
+             "the panel; a saved notebook shows only this text)")
 LIVE = ("lr", "warmup_steps")                     # applied to the running trainer, next step
 STRUCTURAL = ("model", "norm", "batch_size", "optimizer", "accumulate", "precision")
 DEFAULTS = {"model": "mlp", "norm": "none", "batch_size": 64, "lr": 0.05, "warmup_steps": 0,
             "optimizer": "momentum", "accumulate": 1, "precision": "auto"}
+
+
+def _duration(seconds: float) -> str:
+    """``75.2`` -> ``'1 min 15 s'``; short, for the progress line."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def _metric_text(ev: dict | None) -> str:
+    """``{'eval_accuracy': 0.63, 'eval_loss': 1.2}`` -> ``'test accuracy 0.630, test loss 1.200'``."""
+    if not ev:
+        return ""
+    return ", ".join(f"test {k[5:].replace('_', ' ')} {v:.3f}" for k, v in sorted(ev.items())
+                     if k.startswith("eval_") and isinstance(v, float))
 
 
 def _warmup_options(steps: int) -> dict:
@@ -77,11 +100,12 @@ class TrainingPanel:
         build: ``build(**values) -> Trainer`` called with the panel's values (keys of
             ``DEFAULTS``); default: the reference models on ``data`` (``default_builder``).
         data: the dataset of the default builder (default mnist1d).
-        epochs: training length of one Train press (also a control of the panel).
+        epochs: training length of one Train press (also a control of the panel; default 15).
         headless: True for scripts and nbval: Train blocks until the run ends, no live redraws.
         refresh: seconds between live-figure frames (coalesced; see ``Refresher``).
         checkpoint_path: where Checkpoint saves.
         values: initial control values (overrides ``DEFAULTS``).
+        x: the live figure's x axis: ``"step"``, ``"examples"`` or ``"time"``.
 
     Example:
         >>> from nbbatch import data
@@ -92,9 +116,9 @@ class TrainingPanel:
     """
 
     def __init__(self, trainer=None, *, build: Callable[..., Any] | None = None, data=None,
-                 epochs: float = 5, headless: bool = False, refresh: float = 1.0,
+                 epochs: float = DEFAULT_EPOCHS, headless: bool = False, refresh: float = 1.0,
                  checkpoint_path: str | os.PathLike = "nbbatch_checkpoint.pt",
-                 values: Mapping[str, Any] | None = None):
+                 values: Mapping[str, Any] | None = None, x: str = "step"):
         if trainer is not None and not hasattr(trainer, "fit"):
             raise TypeError(f"trainer must be an nbbatch Trainer or None, got {type(trainer).__name__}")
         if trainer is not None and build is not None:
@@ -107,6 +131,9 @@ class TrainingPanel:
             raise TypeError(f"headless must be True or False, got {headless!r}")
         if not isinstance(refresh, (int, float)) or not refresh > 0:
             raise ValueError(f"refresh must be a number of seconds > 0, got {refresh!r}")
+        if x not in ("step", "examples", "time"):
+            raise ValueError(f"x={x!r} is not known; use 'step', 'examples' or 'time'")
+        self.x = x
         vals = dict(DEFAULTS)
         if trainer is not None:
             c = trainer.config
@@ -129,9 +156,17 @@ class TrainingPanel:
         self._seen_errors = 0
         self._seen_messages = 0
         self._sync_lock = threading.Lock()        # the refresh thread and widget callbacks both sync errors
+        self._segment_start: tuple[float | None, int] = (None, 0)   # (wall time, steps done) of this Train
         self._make_widgets(vals, fixed=trainer is not None)
         self._figure: LiveFigure | None = None
+        if not headless and trainer is None:
+            # Empty axes at once: the panel shows what it will draw, and the first render (font
+            # loading) is paid here rather than after the first Train.
+            self._figure = LiveFigure([f"B={vals['batch_size']}"], x=x)
+            self.image.value = self._figure.png([{"steps": {}, "evals": {}}])
+            self.image.layout.display = None
         self._refresher = Refresher(self._draw, interval=refresh, tick=self._tick)
+        self._structural_change()          # a starting combination the trainer would refuse is shown now
         if trainer is not None:
             self._adopt(trainer, self.values())
 
@@ -148,15 +183,20 @@ class TrainingPanel:
         lr = v["lr"]
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
             raise ValueError(f"values['lr'] must be a number > 0, got {lr!r}")
-        # the slider's range reaches the given lr: a clamped slider would retrain at another lr
-        self.lr_w = W.FloatLogSlider(value=lr, base=10, min=min(-4, math.floor(math.log10(lr))),
-                                     max=max(1, math.ceil(math.log10(lr))), step=0.05, description="learning rate",
-                                     readout_format=".3g", style=style, layout=lay)
+        # Exact lr: the text box holds the value trained with; the slider moves on a logarithmic
+        # grid of round values (and the typed value, added to its stops), never snapping it.
+        self.lr_w = W.FloatText(value=lr, description="learning rate", style=style,
+                                layout=W.Layout(width="210px"))
+        self.lr_w.add_class("nbbatch-lr-text")
+        self.lr_slider = W.SelectionSlider(options=self._lr_options(lr), value=lr, readout=False,
+                                           continuous_update=False, layout=W.Layout(width="110px"))
+        self._lr_ok = lr
+        self._syncing = False
         self.warmup_w = W.IntSlider(value=v["warmup_steps"], min=0, max=max(500, v["warmup_steps"]), step=10,
                                     description="warm-up steps", style=style, layout=lay)
         self.optimizer_w = W.Dropdown(options=OPTIMIZERS, value=v["optimizer"], description="optimizer", style=style, layout=lay)
-        self.accumulate_w = W.Dropdown(options=sorted(set(ACCUMULATE) | {v["accumulate"]}), value=v["accumulate"],
-                                       description="accumulate", style=style, layout=lay)
+        self.accumulate_w = W.Dropdown(options=self._accumulate_options(v["batch_size"], v["accumulate"]),
+                                       value=v["accumulate"], description="accumulate", style=style, layout=lay)
         self.precision_w = W.Dropdown(options=PRECISIONS, value=v["precision"], description="precision", style=style, layout=lay)
         self.controls = {"model": self.model_w, "norm": self.norm_w, "batch_size": self.batch_size_w, "lr": self.lr_w,
                          "warmup_steps": self.warmup_w, "optimizer": self.optimizer_w,
@@ -173,7 +213,7 @@ class TrainingPanel:
                        (self.checkpoint_button, "checkpoint"), (self.reset_button, "reset")):
             b.layout = W.Layout(width="110px")
             b.add_class(f"nbbatch-{cls}")
-        self.lr_w.add_class("nbbatch-lr")
+        self.lr_slider.add_class("nbbatch-lr")
         self.epochs_w = W.BoundedFloatText(value=self.epochs, min=0.01, max=100_000, description="epochs / Train",
                                            style=style, layout=lay)
         self.epochs_w.add_class("nbbatch-epochs")
@@ -183,28 +223,82 @@ class TrainingPanel:
         self.stop_button.on_click(lambda _: self.stop())
         self.checkpoint_button.on_click(lambda _: self.checkpoint())
         self.reset_button.on_click(lambda _: self.reset())
-        self.lr_w.observe(lambda ch: self._live_change(lr=ch["new"]), names="value")
+        self.lr_w.observe(self._lr_typed, names="value")
+        self.lr_slider.observe(self._lr_slid, names="value")
         self.warmup_w.observe(lambda ch: self._live_change(**_warmup_options(ch["new"])), names="value")
+        self.batch_size_w.observe(self._batch_size_changed, names="value")   # first: it may clamp accumulate
         for name in STRUCTURAL:
             self.controls[name].observe(lambda ch: self._structural_change(), names="value")
         self.progress = W.IntProgress(value=0, min=0, max=1, description="progress", style=style,
-                                      layout=W.Layout(width="600px"))
+                                      layout=W.Layout(width="420px"))
+        self.progress_text = W.HTML(value="")
+        self.progress_text.add_class("nbbatch-progress")
         self.status = W.HTML(value="idle")
         self.status.add_class("nbbatch-status")
         self.message = W.HTML(value="")
         self.message.add_class("nbbatch-message")
-        self.image = W.Image(format="png", layout=W.Layout(width="100%", max_width="900px"))
-        left = W.VBox([self.model_w, self.norm_w, self.batch_size_w, self.lr_w])
+        # shown at the PNG's own size (1000 px) where there is room, scaled down where not
+        # no margin: with the widgets' default 2 px a 100%-wide image overflows a narrow notebook;
+        # hidden until the first frame (an empty Image shows a broken-image icon)
+        self.image = W.Image(format="png", layout=W.Layout(width="100%", max_width="1000px", margin="0",
+                                                           display="none"))
+        self.image.add_class("nbbatch-figure")
+        lr_row = W.HBox([self.lr_w, self.lr_slider], layout=W.Layout(width="330px"))
+        left = W.VBox([self.model_w, self.norm_w, self.batch_size_w, lr_row])
         right = W.VBox([self.warmup_w, self.optimizer_w, self.accumulate_w, self.precision_w, self.epochs_w])
         buttons = W.HBox([self.train_button, self.pause_button, self.stop_button, self.checkpoint_button,
                           self.reset_button])
-        self.widget = W.VBox([W.HBox([left, right]), buttons, self.progress, self.status, self.message, self.image])
+        controls = W.HBox([left, right], layout=W.Layout(flex_flow="row wrap"))
+        self.widget = W.VBox([controls, buttons, W.HBox([self.progress, self.progress_text]), self.status,
+                              self.message, self.image], layout=W.Layout(max_width="1000px"))
         self.widget.add_class("nbbatch-panel")
 
-    def _ipython_display_(self):
-        from IPython.display import display
+    def _repr_mimebundle_(self, **kwargs):
+        # the widget for a live kernel; for a notebook read without one, a line that says what to do
+        data = self.widget._repr_mimebundle_(**kwargs)
+        data["text/plain"] = TEXT_REPR
+        return data
 
-        display(self.widget)
+    def __repr__(self) -> str:
+        return TEXT_REPR
+
+    # ------------------------------------------------------------------ the learning rate
+    @staticmethod
+    def _lr_options(lr: float) -> list:
+        return [(f"{v:g}", v) for v in sorted(set(LR_GRID) | {lr})]
+
+    @staticmethod
+    def _accumulate_options(batch_size: int, current: int | None = None) -> list:
+        # accumulate splits the batch into micro-batches: more micro-batches than examples is refused
+        return sorted({a for a in ACCUMULATE if a <= batch_size} | ({current} if current else set()))
+
+    def _lr_typed(self, change) -> None:
+        if self._syncing:
+            return
+        lr = change["new"]
+        if not (isinstance(lr, (int, float)) and 0 < lr < math.inf):
+            self._record_error(ValueError(f"learning rate must be a number > 0, got {lr!r}"),
+                               "setting rejected, the learning rate stays " + f"{self._lr_ok:g}")
+            self._syncing = True
+            try:
+                self.lr_w.value = self._lr_ok
+            finally:
+                self._syncing = False
+            return
+        self._lr_ok = lr
+        self._syncing = True
+        try:
+            if lr not in self.lr_slider.options and all(lr != v for _, v in self.lr_slider.options):
+                self.lr_slider.options = self._lr_options(lr)
+            self.lr_slider.value = lr
+        finally:
+            self._syncing = False
+        self._live_change(lr=lr)
+
+    def _lr_slid(self, change) -> None:
+        if self._syncing:
+            return
+        self.lr_w.value = change["new"]      # the text box is the source of truth: it applies the change
 
     def values(self) -> dict:
         """The controls' current values (the keys of ``DEFAULTS``)."""
@@ -252,17 +346,30 @@ class TrainingPanel:
         mem = (f"peak {max(peaks) / 2**20:.0f} MiB on device" if peaks
                else f"process peak RSS {process_peak_rss_bytes() / 2**20:.0f} MiB")
         state = self.controller.state if self.controller is not None else "idle"
-        ev = t.history.evals.last()
-        metric = ""
-        if ev:
-            metric = " | " + ", ".join(f"{k[5:]} {v:.3f}" for k, v in sorted(ev.items()) if k.startswith("eval_") and isinstance(v, float))
+        metric = _metric_text(t.history.evals.last())
+        metric = f" | {metric}" if metric else ""
         self.status.value = (f"<b>{state}</b> | {html.escape(describe_device(t.device))} | "
                              f"step <b class='nbbatch-step'>{t.step_count}</b> | epoch {t.epoch} | "
                              f"lr {t.lr:.4g} | {rate or '-'} examples/s | {mem}{metric}")
         c = self.controller
         if c is not None and c.ends[0] is not None and c.starts[0] is not None:
-            self.progress.max = max(c.ends[0] - c.starts[0], 1)
-            self.progress.value = min(max(t.step_count - c.starts[0], 0), self.progress.max)
+            total = max(c.ends[0] - c.starts[0], 1)
+            done = min(max(t.step_count - c.starts[0], 0), total)
+            self.progress.max = total
+            self.progress.value = done
+            self.progress_text.value = self.progress_line(done, total, c.running)
+
+    def progress_line(self, done: int, total: int, running: bool) -> str:
+        """``'step 340 / 1,875 (18%) | about 12 s left'`` from the steps and seconds of this segment."""
+        line = f"step {done:,} / {total:,} ({100 * done / total:.0f}%)"
+        t0, s0 = self._segment_start
+        elapsed = time.perf_counter() - t0 if t0 is not None else 0.0
+        steps = done - s0
+        if running and steps > 0 and elapsed > 0:
+            line += f" | about {_duration((total - done) * elapsed / steps)} left"
+        elif done >= total:
+            line += " | done"
+        return html.escape(line)
 
     def _tick(self) -> None:
         self._update_status()
@@ -278,7 +385,7 @@ class TrainingPanel:
         """The current figure (a matplotlib Figure, static: display it to keep it in the notebook)."""
         if self.trainer is None:
             raise RuntimeError("no run yet: press Train first")
-        fig = LiveFigure([f"B={self.trainer.config.batch_size}"])
+        fig = LiveFigure([f"B={self.trainer.config.batch_size}"], x=self.x, live=False)
         fig.update([self.trainer.history])
         return fig.figure
 
@@ -295,9 +402,10 @@ class TrainingPanel:
         self._seen_errors = self._seen_messages = 0
         # Build the figure and draw it empty now, outside any run: the panel shows its axes at
         # once, and the first frame's cost sets the redraw throttle before training starts.
-        self._figure = LiveFigure([f"B={trainer.config.batch_size}"])
+        self._figure = LiveFigure([f"B={trainer.config.batch_size}"], x=self.x)
         t0 = time.perf_counter()
         self.image.value = self._figure.png([snapshot(trainer.history)])
+        self.image.layout.display = None
         self._refresher.cost = time.perf_counter() - t0
         self._update_status()
 
@@ -317,9 +425,40 @@ class TrainingPanel:
         self._adopt(trainer, values)
         return True
 
+    def check_settings(self) -> str | None:
+        """The reason the trainer would refuse the controls' values, or None when they are valid."""
+        v = self.values()
+        try:
+            TrainConfig(batch_size=v["batch_size"], lr=v["lr"], optimizer=v["optimizer"], accumulate=v["accumulate"],
+                        precision=v["precision"], **_warmup_options(v["warmup_steps"]))
+        except (ValueError, TypeError) as err:
+            return str(err)
+        return None
+
+    def _batch_size_changed(self, change) -> None:
+        b = change["new"]
+        self._clamp_note = ""
+        acc = self.accumulate_w.value
+        options = self._accumulate_options(b)
+        if acc > b:   # the old value would be refused: take the largest that is not, and say so
+            self.accumulate_w.options = options
+            self._clamp_note = (f"accumulate set to {options[-1]}: batch size {b} cannot be split into more "
+                                f"micro-batches than examples")
+            self.accumulate_w.value = options[-1]
+        else:
+            self.accumulate_w.options = options
+            self.accumulate_w.value = acc
+
     def _structural_change(self) -> None:
-        if self._built_values is not None and {k: self.controls[k].value for k in STRUCTURAL} != self._built_values:
-            self._show("new settings: the next Train (or Reset) starts a new run")
+        problem = self.check_settings()
+        shown, self._settings_problem = getattr(self, "_settings_problem", False), problem is not None
+        note = getattr(self, "_clamp_note", "")
+        if problem is not None:
+            self._show(f"these settings would be refused: {problem}", error=True)
+        elif self._built_values is not None and {k: self.controls[k].value for k in STRUCTURAL} != self._built_values:
+            self._show((note + "; " if note else "") + "new settings: the next Train (or Reset) starts a new run")
+        elif note or shown:
+            self._show(note or "settings valid again")
 
     def _live_change(self, **changes) -> None:
         if self.controller is None:
@@ -367,11 +506,15 @@ class TrainingPanel:
             return
         self._sync_controller_errors()
         c = self.controller
+        resuming = c.resumable
+        prior = max(self.trainer.step_count - (c.starts[0] or 0), 0) if resuming else 0
+        self._segment_start = (time.perf_counter(), prior)
         try:
             c.start_live(self._refresher, live=not self.headless, epochs=self.epochs)
         except (ValueError, RuntimeError) as err:
             self._record_error(err, "cannot start")
             return
+        self._figure.set_x_end(c.ends, [self.trainer.config.batch_size])
         self.pause_button.description = "Pause"
         self._show("")
         if self.headless:

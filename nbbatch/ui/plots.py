@@ -1,27 +1,37 @@
 """Live training figures drawn with ``matplotlib.figure.Figure`` + Agg, safe off the main thread.
 
 pyplot is never used: its global state is not thread-safe and its figures would leak into the
-notebook. A ``LiveFigure`` keeps one Figure and its line artists and only updates their data,
-so a redraw costs one Agg render. ``Refresher`` redraws at most every ``interval`` seconds and
-never spends more than about ``budget`` (5%) of the wall time on drawing (updates are coalesced:
-whatever happened since the last frame is drawn once).
+notebook. A ``LiveFigure`` builds one Figure with all its artists once and afterwards only sets
+their data (``Line2D.set_data``), with every line cut down to what the axes' pixels can show
+(a min/max envelope per pixel column), so one frame costs about the same at 1k and at 100k
+steps. ``Refresher`` draws the first frame soon after a run starts, then about once per
+``interval`` and at least every ``max_gap`` seconds, keeping drawing near ``budget`` of the
+wall time (updates are coalesced: whatever happened since the last frame is drawn once).
+
+Measured against the alternatives (``bench/RESULTS.md``): a browser-side widget (ipympl,
+bqplot, plotly) would add a front-end extension to every install; the Agg frame below costs
+tens of milliseconds, which keeps the overhead under 10% at one frame per second.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import threading
 import time
 from typing import Callable, Sequence
 
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-MAX_POINTS = 1500            # longer series are thinned (every k-th point, the last one kept)
 NOISE_COLUMNS = ("noise_scale", "b_simple", "B_simple")
-PANELS = (("step", "loss", "loss vs step"), ("examples", "loss", "loss vs examples"),
-          ("time", "loss", "loss vs wall time (s)"), ("step", "metric", "eval metric vs step"),
-          ("step", "lr", "learning rate"), ("step", "examples_per_s", "examples/s"))
+X_AXES = {"step": "optimizer step", "examples": "examples seen", "time": "training time (s)"}
+# (y column, title) of the 2x2 panels; "metric" is the evaluation's metric (test accuracy)
+PANELS = (("loss", "loss"), ("metric", "test metric"), ("lr", "learning rate"), ("examples_per_s", "examples/s"))
+SMOOTH_FRACTION = 0.02       # the smoothed loss averages over ~2% of the run (at least 5 steps)
 
 
 def snapshot(history) -> dict:
@@ -34,22 +44,114 @@ def snapshot(history) -> dict:
     return out
 
 
-def _thin(xs: list, ys: list) -> tuple[list, list]:
-    pairs = [(x, y) for x, y in zip(xs, ys) if x is not None and y is not None]
-    if len(pairs) > MAX_POINTS:
-        k = -(-len(pairs) // MAX_POINTS)
-        pairs = pairs[::k] + ([pairs[-1]] if (len(pairs) - 1) % k else [])
-    return [p[0] for p in pairs], [p[1] for p in pairs]
+def compact(value: float, _pos=None) -> str:
+    """A short tick label: 50000 -> '50k', 1500000 -> '1.5M', 0.05 -> '0.05'.
+
+    Example:
+        >>> [compact(v) for v in (0, 500, 50_000, 1_500_000, 0.05, 2.5e-4)]
+        ['0', '500', '50k', '1.5M', '0.05', '0.00025']
+    """
+    a = abs(value)
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if a >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.3g}" if a >= 1e-3 or a == 0 else f"{value:.2g}"
+
+
+def _floats(values) -> np.ndarray:
+    try:
+        return np.asarray(values, dtype=float)      # the common case: no None (a C loop)
+    except TypeError:
+        return np.array([np.nan if v is None else v for v in values], dtype=float)
+
+
+def _xy(xs, ys) -> tuple[np.ndarray, np.ndarray]:
+    """Float arrays of the pairs where both values are present and finite."""
+    x, y = _floats(xs), _floats(ys)
+    n = min(len(x), len(y))
+    x, y = x[:n], y[:n]
+    ok = np.isfinite(x) & np.isfinite(y)
+    return x[ok], y[ok]
+
+
+def envelope(x: np.ndarray, y: np.ndarray, columns: int) -> tuple[np.ndarray, np.ndarray]:
+    """At most ``2 * columns`` points that draw like ``(x, y)`` on an axis ``columns`` pixels wide.
+
+    The points are split into ``columns`` consecutive buckets; each keeps its minimum and its
+    maximum (in x order), and the first and last points stay, so the band of a noisy per-step
+    loss looks the same as with every point and the line still ends at the latest step.
+
+    Example:
+        >>> x = np.arange(10_000.0); y = np.sin(x)
+        >>> ex, ey = envelope(x, y, 100); len(ex) <= 202, float(ey.max()) == float(y.max())
+        (True, True)
+    """
+    n = len(x)
+    if n <= 2 * columns:
+        return x, y
+    k = -(-n // columns)                      # points per bucket
+    m = -(-n // k)                            # buckets (<= columns)
+    pad = np.concatenate([y, np.full(m * k - n, y[-1])]).reshape(m, k)   # the tail repeats the last point
+    base = np.arange(m) * k
+    a = np.minimum(base + pad.argmin(axis=1), n - 1)
+    b = np.minimum(base + pad.argmax(axis=1), n - 1)
+    # each bucket's min and max, plus the first and last point (the line spans the run), in x order
+    order = np.unique(np.concatenate([[0, n - 1], a, b]))
+    return x[order], y[order]
+
+
+def _nice(lo: float, hi: float, log: bool) -> tuple[float, float]:
+    """Round limits outwards to round values (1-2-5 per decade on a log axis, tick steps on a
+    linear one), so that small changes of the data leave them, and the frame's background, as they are.
+
+    Example:
+        >>> _nice(0.37, 2.4, log=True)
+        (0.2, 5.0)
+    """
+    if log:
+        def down(v):
+            e = math.floor(math.log10(v))
+            return max(m * 10.0 ** e for m in (1, 2, 5) if m * 10.0 ** e <= v * (1 + 1e-12))
+
+        def up(v):
+            e = math.floor(math.log10(v))
+            return min(m * 10.0 ** e for m in (1, 2, 5, 10) if m * 10.0 ** e >= v * (1 - 1e-12))
+        return down(lo), up(hi)
+    ticks = MaxNLocator(5).tick_values(lo, hi)
+    return float(min(ticks[0], lo)), float(max(ticks[-1], hi))
+
+
+def smooth(y: np.ndarray, span: int) -> np.ndarray:
+    """Bias-corrected exponential moving average of ``y`` over about ``span`` points.
+
+    Example:
+        >>> smooth(np.array([1.0, 1.0, 1.0]), 10).tolist()
+        [1.0, 1.0, 1.0]
+    """
+    if len(y) == 0:
+        return y
+    from scipy.signal import lfilter
+
+    alpha = 2.0 / (max(span, 1) + 1.0)
+    num = lfilter([alpha], [1.0, alpha - 1.0], y)
+    den = lfilter([alpha], [1.0, alpha - 1.0], np.ones_like(y))
+    return num / den
 
 
 class LiveFigure:
-    """A 2x3 figure of one or several runs: loss vs step / examples / wall time, eval metric,
-    lr and examples/s (peak memory and the noise scale in titles and on a twin axis when recorded).
+    """A 2x2 figure of one or several runs against one x axis: loss (per step faint, smoothed,
+    test), the test metric, the learning rate (with the noise scale on a twin axis when
+    recorded) and examples/s (peak memory in its title when recorded).
 
     Args:
         labels: one label per run (the legend).
         metric: the eval column to plot (default: the first ``eval_*`` column other than the loss).
-        dpi, figsize: the PNG's resolution and size in inches.
+        x: the x axis of every panel: ``"step"``, ``"examples"`` or ``"time"`` (training seconds).
+        dpi, figsize: the PNG's resolution and size in inches (default 1000x560 px, the size the
+            panels show it at, so the text is drawn crisp and not rescaled).
+        live: True for frames (``png``): the axes, ticks and labels are drawn once and kept as a
+            background while the limits stay put (they grow with headroom, so most frames only
+            redraw the lines). False for a static figure to display or save (``figure``).
 
     Example:
         >>> from nbbatch import History
@@ -58,36 +160,87 @@ class LiveFigure:
         b'\\x89PNG'
     """
 
-    def __init__(self, labels: Sequence[str], metric: str | None = None, dpi: int = 72,
-                 figsize: tuple[float, float] = (11.0, 5.6)):
+    def __init__(self, labels: Sequence[str], metric: str | None = None, x: str = "step", dpi: int = 100,
+                 figsize: tuple[float, float] = (10.0, 5.6), live: bool = True):
         if not labels:
             raise ValueError("labels: give at least one run label")
-        self.labels = [str(x) for x in labels]
+        if x not in X_AXES:
+            raise ValueError(f"x={x!r} is not known; use one of {tuple(X_AXES)}")
+        self.labels = [str(v) for v in labels]
         self.metric = metric
+        self.x = x
         self.figure = Figure(figsize=figsize, dpi=dpi)
         # fixed margins: a layout engine would re-measure every text on each frame
-        self.figure.subplots_adjust(left=0.06, right=0.94, bottom=0.07, top=0.94, wspace=0.28, hspace=0.32)
+        self.figure.subplots_adjust(left=0.075, right=0.93, bottom=0.095, top=0.93, wspace=0.24, hspace=0.3)
         self.canvas = FigureCanvasAgg(self.figure)
-        axes = self.figure.subplots(2, 3)
-        self.axes = {title: ax for (_, _, title), ax in zip(PANELS, axes.flat)}
-        colors = [f"C{i % 10}" for i in range(len(self.labels))]
-        self._lines = {}
-        for (x, y, title), ax in zip(PANELS, axes.flat):
-            ax.set_title(title, fontsize=9)
-            ax.tick_params(labelsize=7)
+        axes = self.figure.subplots(2, 2, sharex=True)
+        self.axes = {title: ax for (_, title), ax in zip(PANELS, axes.flat)}
+        self._columns = int(figsize[0] * dpi * 0.42)       # pixel columns of one axes
+        formatter = FuncFormatter(compact)
+        self._lines: dict = {}
+        multi = len(self.labels) > 1
+        for (y, title), ax in zip(PANELS, axes.flat):
+            ax.set_title(title, fontsize=10, y=1.0)   # a fixed position: no re-measuring per frame
+            ax.tick_params(labelsize=8.5)
             ax.grid(alpha=0.3)
+            ax.xaxis.set_major_locator(MaxNLocator(5))
+            ax.xaxis.set_major_formatter(formatter)
+            if y != "loss":
+                ax.yaxis.set_major_locator(MaxNLocator(5))
+                ax.yaxis.set_major_formatter(formatter)
+            if ax in axes[1]:
+                ax.set_xlabel(X_AXES[x], fontsize=9)
             for i, label in enumerate(self.labels):
-                style = dict(color=colors[i], lw=1.0, label=label)
-                self._lines[(title, i)] = ax.plot([], [], **style)[0]
-                if y == "loss" or y == "metric":   # evaluations as markers on the same axes
-                    self._lines[(title, i, "eval")] = ax.plot([], [], "o", ms=3, color=colors[i])[0]
-            if y == "loss":
-                ax.set_yscale("log")
+                c = f"C{i % 10}"
+                if y == "loss":
+                    self._lines[("raw", i)] = ax.plot([], [], color=c, lw=0.6, alpha=0.25)[0]
+                    self._lines[("smooth", i)] = ax.plot([], [], color=c, lw=1.6)[0]
+                    self._lines[("eval", i)] = ax.plot([], [], "o-", color=c, ms=3.5, lw=0.8, mfc="white")[0]
+                elif y == "metric":
+                    self._lines[("metric", i)] = ax.plot([], [], "o-", color=c, ms=3.5, lw=1.2, mfc="white")[0]
+                else:
+                    self._lines[(y, i)] = ax.plot([], [], color=c, lw=1.2)[0]
+        loss_ax = self.axes["loss"]
+        loss_ax.set_yscale("log")
+        self._log_formatters()
+        loss_ax.set_ylabel("loss", fontsize=9)
+        self.axes["test metric"].set_ylabel("test metric", fontsize=9)
+        self.axes["learning rate"].set_ylabel("lr", fontsize=9)
+        self.axes["examples/s"].set_ylabel("examples/s", fontsize=9)
+        grey = "0.35"
+        handles = [Line2D([], [], color=grey, lw=0.6, alpha=0.4), Line2D([], [], color=grey, lw=1.6),
+                   Line2D([], [], color=grey, marker="o", ms=3.5, lw=0.8, mfc="white")]
+        names = ["train, per step", "train, smoothed", "test"]
+        if multi:   # colours name the runs, the grey styles name the curves
+            handles = [Line2D([], [], color=f"C{i % 10}", lw=1.6) for i in range(len(self.labels))] + handles
+            names = self.labels + names
+        self._legend = loss_ax.legend(handles, names, fontsize=8, loc="upper right", framealpha=0.8,
+                                      ncol=2 if multi and len(names) > 5 else 1)
+        self.live = bool(live)
+        for artist in [*self._lines.values(), self._legend]:
+            artist.set_animated(self.live)       # drawn over the kept background by png()
+        self._background = None      # the rendered figure without its data, while the limits hold
+        self._key = None
+        self._fitted: set = set()     # axes whose limits were set from data once
+        self.x_end: float | None = None   # the x axis grows no further (the run's last step), when known
+        self.full_draws = 0
         self._noise_ax = None
-        if len(self.labels) > 1:
-            self.axes["loss vs step"].legend(fontsize=7, loc="upper right")
         self.renders = 0
         self.render_seconds = 0.0
+
+    def _log_formatters(self) -> None:
+        # plain numbers on the log loss axis ("2", "0.3"); on a range under ~1.5 decades also the
+        # minor ticks at 2, 3 and 5 times a power of ten, so the axis never shows a single label
+        ax = self.axes["loss"]
+
+        def minor(value, _pos=None):
+            lo, hi = ax.get_ylim()
+            if lo <= 0 or hi / lo > 30:
+                return ""
+            mantissa = round(value / 10 ** math.floor(math.log10(value) + 1e-9), 6)
+            return compact(value) if mantissa in (2, 3, 5) else ""
+        ax.yaxis.set_major_formatter(FuncFormatter(compact))
+        ax.yaxis.set_minor_formatter(FuncFormatter(minor))
 
     def _metric_name(self, snaps) -> str | None:
         if self.metric is not None:
@@ -104,47 +257,109 @@ class LiveFigure:
         if len(snaps) != len(self.labels):
             raise ValueError(f"histories: {len(snaps)} runs for {len(self.labels)} labels")
         metric = self._metric_name(snaps)
-        self.axes["eval metric vs step"].set_title(metric or "eval metric vs step", fontsize=9)
-        peaks, noise = [], []
-        # A log axis cannot show a loss <= 0 (a custom loss may have one): such runs get a linear axis.
-        losses = (v for s in snaps for v in (*s["steps"].get("loss", []), *s["evals"].get("eval_loss", [])))
-        scale = "log" if all(v > 0 for v in losses) else "linear"
-        for x, y, title in PANELS:
-            if y == "loss" and self.axes[title].get_yscale() != scale:
-                self.axes[title].set_yscale(scale)
+        name = "test " + metric[5:].replace("_", " ") if metric else "test metric"
+        self.axes["test metric"].set_title(name, fontsize=10)
+        self.axes["test metric"].set_ylabel(name, fontsize=9)
+        cols = self._columns
+        peaks, noise, losses = [], [], []
         for i, s in enumerate(snaps):
             st, ev = s["steps"], s["evals"]
-            for x, y, title in PANELS:
-                line = self._lines[(title, i)]
-                if y == "metric":
-                    xs, ys = _thin(ev.get(x, []), ev.get(metric, [])) if metric else ([], [])
-                    line.set_data(xs, ys)
-                    continue
-                line.set_data(*_thin(st.get(x, []), st.get(y, [])))
-                if y == "loss":
-                    self._lines[(title, i, "eval")].set_data(*_thin(ev.get(x, []), ev.get("eval_loss", [])))
+            x, loss = _xy(st.get(self.x, []), st.get("loss", []))
+            ex, eloss = _xy(ev.get(self.x, []), ev.get("eval_loss", []))
+            losses += [loss, eloss]
+            self._lines[("raw", i)].set_data(*envelope(x, loss, cols))
+            span = max(5, int(SMOOTH_FRACTION * len(loss)))
+            self._lines[("smooth", i)].set_data(*envelope(x, smooth(loss, span), cols))
+            self._lines[("eval", i)].set_data(ex, eloss)
+            mx, my = _xy(ev.get(self.x, []), ev.get(metric, [])) if metric else (np.empty(0), np.empty(0))
+            self._lines[("metric", i)].set_data(mx, my)
+            self._lines[("lr", i)].set_data(*envelope(*_xy(st.get(self.x, []), st.get("lr", [])), cols))
+            sx, speed = _xy(st.get(self.x, []), st.get("examples_per_s", []))   # per step it jitters: smoothed
+            self._lines[("examples_per_s", i)].set_data(*envelope(sx, smooth(speed, max(5, int(SMOOTH_FRACTION * len(speed)))), cols))
             mem = [m for m in st.get("peak_memory", []) if m is not None]
             if mem:
                 peaks.append(max(mem))
-            for name in NOISE_COLUMNS:
-                if name in st and any(v is not None for v in st[name]):
-                    noise.append((i, st.get("step", []), st[name]))
+            for col in NOISE_COLUMNS:
+                if col in st and any(v is not None for v in st[col]):
+                    noise.append((i, *_xy(st.get(self.x, []), st[col])))
                     break
-        ax_speed = self.axes["examples/s"]
-        ax_speed.set_title("examples/s" + (f"  (peak memory {max(peaks) / 2**20:.0f} MiB)" if peaks else ""), fontsize=9)
+        # A log axis cannot show a loss <= 0 (a custom loss may have one): then a linear axis.
+        scale = "log" if all(np.all(v > 0) for v in losses) else "linear"
+        if self.axes["loss"].get_yscale() != scale:
+            self.axes["loss"].set_yscale(scale)
+            self._fitted.discard(self.axes["loss"])
+            if scale == "log":
+                self._log_formatters()
+        self.axes["examples/s"].set_title(
+            "examples/s" + (f"  (peak memory {max(peaks) / 2**20:.0f} MiB)" if peaks else ""), fontsize=10)
         if noise:
             if self._noise_ax is None:
                 self._noise_ax = self.axes["learning rate"].twinx()
-                self._noise_ax.set_ylabel("noise scale B_simple", fontsize=7)
-                self._noise_ax.tick_params(labelsize=7)
+                self._noise_ax.set_ylabel("noise scale B_simple (dotted)", fontsize=9)
+                self._noise_ax.tick_params(labelsize=8.5)
+                self._noise_ax.yaxis.set_major_formatter(FuncFormatter(compact))
             for i, xs, ys in noise:
                 key = ("noise", i)
                 if key not in self._lines:
-                    self._lines[key] = self._noise_ax.plot([], [], ":", color=f"C{i % 10}")[0]
-                self._lines[key].set_data(*_thin(xs, ys))
+                    self._lines[key] = self._noise_ax.plot([], [], ":", color=f"C{i % 10}", lw=1.2)[0]
+                    self._lines[key].set_animated(self.live)
+                self._lines[key].set_data(*envelope(xs, ys, cols))
         for ax in list(self.axes.values()) + ([self._noise_ax] if self._noise_ax is not None else []):
             ax.relim()
-            ax.autoscale_view()
+            if self.live:
+                self._sticky_limits(ax)
+            else:
+                ax.autoscale_view()
+
+    def set_x_end(self, ends: Sequence[int | None], batch_sizes: Sequence[int]) -> None:
+        """The x axis grows ahead of the data up to the runs' planned end (``ends`` in steps),
+        where the x unit allows; near the end it stops there instead of overshooting."""
+        known = [e for e in ends if e is not None]
+        if not known or self.x == "time":
+            self.x_end = None
+        elif self.x == "step":
+            self.x_end = float(max(known))
+        else:
+            self.x_end = float(max(e * b for e, b in zip(ends, batch_sizes) if e is not None))
+
+    def _sticky_limits(self, ax) -> None:
+        """Change an axes' limits only when its data leave them (or shrink to a small part of them),
+        and then with headroom: x grows 30% ahead of the data, so most frames keep their ticks."""
+        ax.set_autoscale_on(False)             # matplotlib would rescale at draw time otherwise
+        box = ax.dataLim
+        if not (np.all(np.isfinite(box.get_points())) and box.width >= 0 and ax.has_data()):
+            return
+        (x0, x1), (y0, y1) = box.intervalx, box.intervaly
+        if y1 - y0 <= 1e-6 * max(abs(y0), abs(y1)):   # constant up to rounding (a smoothed constant)
+            y0 = y1 = (y0 + y1) / 2
+        first = ax not in self._fitted
+        self._fitted.add(ax)
+        (cx0, cx1), (cy0, cy1) = ax.get_xlim(), ax.get_ylim()
+        log = ax.get_yscale() == "log"
+        span = (lambda a, b: math.log(b / a) if a > 0 and b > 0 else 0.0) if log else (lambda a, b: b - a)
+        x_out = first or x0 < cx0 or x1 > cx1
+        y_out = first or y0 < cy0 or y1 > cy1
+        y_small = y1 > y0 and span(cy0, cy1) > 0 and span(y0, y1) < 0.3 * span(cy0, cy1)
+        if x_out:
+            start = min(x0, 0.0)                   # steps, examples and seconds start at 0
+            _, hi = _nice(start, x1 + 0.4 * max(x1 - start, 1e-12), log=False)
+            if self.x_end is not None and x1 <= self.x_end:
+                hi = min(hi, self.x_end)           # never past the run's planned end
+            ax.set_xlim(start, hi)
+        if y_out or y_small:
+            # 5% margin, and 25% headroom on a side the data just crossed (a falling loss, a rising
+            # accuracy keep going that way)
+            lo_pad = 0.25 if (y0 < cy0 and not y_small) else 0.05
+            hi_pad = 0.25 if (y1 > cy1 and not y_small) else 0.05
+            if y1 == y0:
+                pad = abs(y0) * 0.1 or 1.0
+                lo, hi = (y0 / 1.5, y1 * 1.5) if log and y0 > 0 else (y0 - pad, y1 + pad)
+            elif log and y0 > 0:
+                r = y1 / y0
+                lo, hi = y0 / r ** lo_pad, y1 * r ** hi_pad
+            else:
+                lo, hi = y0 - lo_pad * (y1 - y0), y1 + hi_pad * (y1 - y0)
+            ax.set_ylim(*_nice(lo, hi, log=log and lo > 0))
 
     def png(self, histories: Sequence | None = None) -> bytes:
         """Render (after ``update(histories)`` when given) and return PNG bytes."""
@@ -152,19 +367,43 @@ class LiveFigure:
         if histories is not None:
             self.update(histories)
         buf = io.BytesIO()
-        self.canvas.print_png(buf)
+        if not self.live:
+            self.canvas.print_png(buf, pil_kwargs={"compress_level": 1})
+        else:
+            axes = list(self.axes.values()) + ([self._noise_ax] if self._noise_ax is not None else [])
+            key = tuple((ax.get_xlim(), ax.get_ylim(), ax.get_yscale(), ax.get_title()) for ax in axes)
+            if key != self._key or self._background is None:
+                self.canvas.draw()                 # everything but the data lines and the legend
+                self._background = self.canvas.copy_from_bbox(self.figure.bbox)
+                self._key = key
+                self.full_draws += 1
+            else:
+                self.canvas.restore_region(self._background)
+            renderer = self.canvas.get_renderer()
+            for line in self._lines.values():
+                if line.axes is not None:
+                    line.axes.draw_artist(line)
+            self._legend.draw(renderer)
+            from PIL import Image
+
+            w, h = self.canvas.get_width_height()
+            # a fast zlib level: the PNG is sent once and shown at once; level 6 costs 3x the time
+            # RGB (the figure is opaque): a fifth less to encode than RGBA
+            Image.frombuffer("RGBA", (w, h), self.canvas.buffer_rgba(), "raw", "RGBA", 0, 1).convert("RGB").save(
+                buf, format="png", compress_level=1)
         self.renders += 1
         self.render_seconds += time.perf_counter() - t0
         return buf.getvalue()
 
 
 class Refresher:
-    """Redraw from a daemon thread while training: ``tick()`` every ``interval`` s, ``draw()`` throttled.
+    """Redraw from a daemon thread while training: ``tick()`` often, ``draw()`` throttled.
 
-    ``tick`` is for cheap updates (status line, progress bar). ``draw`` (the figure) runs at
-    most every ``interval`` s and at least ``cost / budget`` s after the previous one, where
-    ``cost`` is the time that frame took: with ``budget=0.05`` drawing takes at most about 5% of
-    the wall time however slow a frame is. Whatever happened in between is drawn once
+    The first frame comes ``first`` s after ``start()``. Then ``draw`` (the figure) runs every
+    ``max(interval, cost / budget)`` s, where ``cost`` is the time the last frame took, but never
+    less often than every ``max_gap`` s: with ``budget=0.1`` a frame of 60 ms comes every
+    second and drawing takes about 6% of the wall time. ``tick`` (status line, progress bar)
+    runs every ``min(interval, 0.5)`` s. Whatever happened in between is drawn once
     (coalesced). ``final()`` stops the thread and draws the last frame (the static one).
 
     Example:
@@ -174,13 +413,15 @@ class Refresher:
         (1, True)
     """
 
-    def __init__(self, draw: Callable[[], None], interval: float = 1.0, budget: float = 0.05,
-                 tick: Callable[[], None] | None = None):
-        if not (isinstance(interval, (int, float)) and interval > 0):
-            raise ValueError(f"refresh interval must be a number > 0 seconds, got {interval!r}")
-        if not (isinstance(budget, (int, float)) and 0 < budget <= 1):
+    def __init__(self, draw: Callable[[], None], interval: float = 1.0, budget: float = 0.1,
+                 tick: Callable[[], None] | None = None, first: float = 0.3, max_gap: float = 1.8):
+        for name, value in (("refresh interval", interval), ("first", first), ("max_gap", max_gap)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
+                raise ValueError(f"{name} must be a number > 0 seconds, got {value!r}")
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
             raise ValueError(f"budget must lie in (0, 1], got {budget!r}")
         self.draw, self.tick, self.interval, self.budget = draw, tick, float(interval), float(budget)
+        self.first, self.max_gap = float(first), max(float(max_gap), float(interval))
         self._wake = threading.Event()
         self._quit = False
         self._thread: threading.Thread | None = None
@@ -210,18 +451,25 @@ class Refresher:
             self.frames += 1
         return time.perf_counter() - t0
 
+    def gap(self) -> float:
+        """Seconds from one frame to the next at the last frame's cost."""
+        return min(max(self.interval, self.cost / self.budget), self.max_gap)
+
     def _loop(self) -> None:
-        last = time.perf_counter()
+        begin = time.perf_counter()
+        next_draw = begin + self.first
+        tick_every = min(self.interval, 0.5)
         while not self._quit:
-            self._wake.wait(self.interval)
+            now = time.perf_counter()
+            self._wake.wait(max(0.0, min(tick_every, next_draw - now)))
             self._wake.clear()
             if self._quit:
                 break
             if self.tick is not None:
                 self._call(self.tick)
-            if time.perf_counter() - last >= max(self.interval, self.cost / self.budget):
+            if time.perf_counter() >= next_draw:
                 self.cost = self._call(self.draw)
-                last = time.perf_counter()
+                next_draw = time.perf_counter() + self.gap() - self.cost
 
     def stop(self) -> None:
         self._quit = True

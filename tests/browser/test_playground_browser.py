@@ -2,8 +2,11 @@
 
 The test starts JupyterLab on 127.0.0.1 (a free port, a random token, a temporary root and
 configuration), opens the playground in the system's Chromium through Playwright, runs the
-cells up to the panel, clicks Train, sees the step counter move, moves the learning-rate slider,
-clicks Stop and sees the counter stop. A screenshot is saved in the test's temporary directory.
+cells up to the panel in a laptop-sized window (1100x760), checks the panel fits it without
+sideways scrolling, clicks Train, sees the live figure change at least twice within 5 s and the
+step counter move, moves the learning-rate slider, clicks Stop and sees the counter stop.
+Screenshots (the page while training, the panel alone, the page after Stop) are saved in the
+test's temporary directory, and also in ``$NBBATCH_SCREENSHOTS`` when that names a directory.
 The server and the browser are stopped whatever the outcome. ``scripts/test`` installs
 Debian's chromium when it is missing (as root); Playwright's own browser download is not used.
 """
@@ -28,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK = ROOT / "notebooks" / "07_playground.ipynb"
 SERVER_START_S = 90
 STEP_TIMEOUT_MS = 120_000
+VIEWPORT = {"width": 1100, "height": 760}      # a laptop window
+FIGURE_WINDOW_S = 5.0                          # the live figure must change twice within this of Train
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
 pytest.importorskip("jupyterlab")
@@ -124,7 +129,7 @@ def test_playground_in_a_real_browser(tmp_path):
         with playwright_sync.sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS,
                                          timeout=60_000)
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page = browser.new_page(viewport=VIEWPORT)
             page.set_default_timeout(STEP_TIMEOUT_MS)
             page.goto(f"{url}/lab/tree/{NOTEBOOK.name}?token={token}", wait_until="domcontentloaded")
             page.locator(".jp-Notebook .jp-Cell").first.wait_for()
@@ -140,7 +145,34 @@ def test_playground_in_a_real_browser(tmp_path):
             epochs = page.locator(".nbbatch-epochs input").first
             epochs.fill("5000")                      # long enough that only Stop ends it
             epochs.press("Enter")
+            panel = page.locator(".nbbatch-panel").first
+            # fits the window: neither the panel nor its output area scrolls sideways
+            assert panel.evaluate("e => e.scrollWidth <= e.clientWidth + 1"), "the panel overflows sideways"
+            assert panel.evaluate("e => { const o = e.closest('.jp-OutputArea-output') || e.parentElement;"
+                                  " return o.scrollWidth <= o.clientWidth + 1; }"), "the output area scrolls sideways"
+            figure = page.locator(".nbbatch-figure").first
+            first_src = figure.get_attribute("src")
             train.click()
+            clicked = time.monotonic()
+            sources = [first_src]
+            while time.monotonic() - clicked < FIGURE_WINDOW_S:
+                src = figure.get_attribute("src")
+                if src != sources[-1]:
+                    sources.append(src)
+                time.sleep(0.05)
+            changes = len(sources) - 1
+            try:   # JupyterLab's news prompt would cover the panel in the screenshots
+                page.get_by_role("button", name="No").first.click(timeout=2000)
+            except Exception:
+                pass
+            shots = [tmp_path]
+            if os.environ.get("NBBATCH_SCREENSHOTS"):
+                shots.append(Path(os.environ["NBBATCH_SCREENSHOTS"]))
+            for d in shots:
+                d.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(d / "playground_training.png"))
+                panel.screenshot(path=str(d / "panel.png"))
+            assert changes >= 2, f"the live figure changed {changes} time(s) in the {FIGURE_WINDOW_S:g} s after Train"
             s1, _ = wait_status(page, lambda s, t: s > 0, "the step counter to move")
             s2, text = wait_status(page, lambda s, t: s > s1 + 5, "more steps")
             lr_before = re.search(r"lr ([0-9.e-]+)", text).group(1)
@@ -154,7 +186,8 @@ def test_playground_in_a_real_browser(tmp_path):
             s3, _ = wait_status(page, lambda s, t: "stopped" in t, "the run to stop")
             time.sleep(2.0)
             s4, text = read_status(page)
-            page.screenshot(path=str(tmp_path / "playground.png"), full_page=True)
+            for d in shots:
+                page.screenshot(path=str(d / "playground.png"), full_page=True)
             assert s4 == s3, f"the step counter moved after Stop: {s3} -> {s4}"
             assert s3 > s2
             assert (tmp_path / "playground.png").stat().st_size > 10_000
