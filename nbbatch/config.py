@@ -26,6 +26,25 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def check_length(epochs: float | None, steps: int | None) -> None:
+    """Raise ValueError unless ``epochs`` and ``steps`` are None or a valid training length (not both).
+
+    Example:
+        >>> check_length(2.5, None)
+        >>> check_length(None, 0)
+        Traceback (most recent call last):
+        ...
+        ValueError: steps must be a positive int, got 0
+    """
+    if epochs is not None and steps is not None:
+        raise ValueError("give epochs or steps, not both")
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, (int, float))
+                               or not math.isfinite(epochs) or epochs <= 0):
+        raise ValueError(f"epochs must be a number > 0, got {epochs!r}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+
+
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 

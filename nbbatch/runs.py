@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
 from .batching import as_tensors, epoch_permutation, num_batches
-from .config import TrainConfig
+from .config import TrainConfig, check_length
 from .device import autocast_context, peak_memory_bytes, reset_peak_memory, resolve_device, resolve_precision
 from .history import History
 from .optim import ADAM_EPS
@@ -542,13 +542,7 @@ class MultiRun:
         if on_step is not None and not callable(on_step):
             raise TypeError(f"on_step must be callable, got {type(on_step).__name__}")
         given = [n for n, v in (("epochs", epochs), ("steps", steps)) if v is not None]
-        if len(given) == 2:
-            raise ValueError("give epochs or steps, not both")
-        if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, (int, float))
-                                   or not math.isfinite(epochs) or epochs <= 0):
-            raise ValueError(f"epochs must be a number > 0, got {epochs!r}")
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-            raise ValueError(f"steps must be a positive int, got {steps!r}")
+        check_length(epochs, steps)
         target = Target.parse(until) if until is not None else None
         if target is not None:
             known = ["loss"] + (["eval_loss"] + [f"eval_{m}" for m in self.metrics] if self._eval_data else [])

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from .batching import DatasetBatches, LoaderBatches, TensorBatches, as_tensors
-from .config import TrainConfig
+from .config import TrainConfig, check_length
 from .device import autocast_context, peak_memory_bytes, reset_peak_memory, resolve_device, resolve_precision
 from .diagnostics import OnlineNoiseScale, squared_grad_norm
 from .distributed import StopAgreed
@@ -782,13 +782,7 @@ class Trainer:
         return self.history
     def _plan(self, epochs, steps, until) -> tuple[int, Target | None]:
         given = [name for name, v in (("epochs", epochs), ("steps", steps)) if v is not None]
-        if len(given) == 2:
-            raise ValueError("give epochs or steps, not both")
-        if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, (int, float))
-                                   or not math.isfinite(epochs) or epochs <= 0):
-            raise ValueError(f"epochs must be a number > 0, got {epochs!r}")
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-            raise ValueError(f"steps must be a positive int, got {steps!r}")
+        check_length(epochs, steps)
         target = Target.parse(until) if until is not None else None
         if target is not None:
             known = self.recorded_metrics()

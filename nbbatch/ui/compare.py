@@ -8,7 +8,8 @@ from typing import Any, Mapping, Sequence
 
 import ipywidgets as widgets
 
-from .controller import INTERLEAVE, RunController, check_length
+from ..config import check_length
+from .controller import INTERLEAVE, RunController
 from .plots import LiveFigure, Refresher, snapshot
 
 

@@ -16,17 +16,9 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from ..config import check_length
+
 INTERLEAVE = ("steps", "time")
-
-
-def check_length(epochs: float | None, steps: int | None) -> None:
-    """Raise ValueError unless ``epochs`` and ``steps`` are None or a valid training length (not both)."""
-    if epochs is not None and steps is not None:
-        raise ValueError("give epochs or steps, not both")
-    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not epochs > 0):
-        raise ValueError(f"epochs must be a number > 0, got {epochs!r}")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
 
 
 @dataclass
