@@ -43,7 +43,14 @@ class TrainConfig:
             factory called as ``factory(params, lr=lr)`` (a torch optimizer class or a partial).
         momentum: momentum of the SGD family and LARS (default 0 for ``"sgd"``, 0.9 for the others).
         weight_decay: L2 penalty (decoupled for ``"adamw"`` and ``"lamb"``).
-        betas, eps: Adam/AdamW hyperparameters.
+        betas, eps: Adam/AdamW/LAMB hyperparameters. ``eps=None`` (default) takes each one's own
+            value: 1e-8 for Adam and AdamW (torch's), 1e-6 for LAMB (the paper's and its reference
+            implementations'; see ``nbbatch.optim.LAMB_EPS``).
+        adapt_all: for ``optimizer="lars"``/``"lamb"``: False (default) leaves 1-D parameters
+            (biases, norm weights and shifts) out of the trust ratio and out of weight decay, as the
+            large-batch papers' implementations do (``nbbatch.optim.layerwise_groups``; the
+            Trainer's ``optimizer.param_groups`` are named ``"adapted"`` and ``"1-d"``); True adapts
+            and weight-decays every tensor. Only these two optimizers take it.
         scale_rule: ``"none"``, ``"linear"`` or ``"sqrt"``: how ``lr`` follows ``batch_size``
             relative to ``base_batch_size``.
         base_batch_size: the batch size ``lr`` was tuned for (defaults to ``batch_size``).
@@ -77,7 +84,9 @@ class TrainConfig:
             micro-batch against the whole batch (two half-batches when ``accumulate=1``: the same update
             up to rounding, except over batch norm, where each half is normalised on its own and the
             Trainer warns) and record ``noise_grad_sq``, ``noise_trace`` and ``b_simple`` in the History
-            (None: off); needs ``batch_size >= 2``.
+            (None: off); needs ``batch_size >= 2``. The estimates carry the finite-population
+            correction ``1/B - 1/N`` (N: the training set; a DataLoader whose sampler is not torch's
+            shuffling or sequential one uses the ``1/B`` approximation); see ``OnlineNoiseScale``.
         noise_scale_smoothing: EMA weight of the past for the recorded ``b_simple``, in [0, 1).
         checkpoint_segments: activation checkpointing of an ``nn.Sequential`` model in this many
             chunks (0: off); see ``nbbatch.memory.CheckpointedSequential``.
@@ -94,7 +103,8 @@ class TrainConfig:
     momentum: float | None = None
     weight_decay: float = 0.0
     betas: tuple = (0.9, 0.999)
-    eps: float = 1e-8
+    eps: float | None = None
+    adapt_all: bool = False
     scale_rule: str = "none"
     base_batch_size: int | None = None
     warmup: str = "none"
@@ -149,8 +159,13 @@ class TrainConfig:
         if (not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2
                 or not all(_is_number(b) and 0.0 <= b < 1.0 for b in self.betas)):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
-        if not _is_number(self.eps) or not self.eps > 0:
-            raise ValueError(f"eps must be > 0, got {self.eps!r}")
+        if self.eps is not None and (not _is_number(self.eps) or not math.isfinite(self.eps) or not self.eps > 0):
+            raise ValueError(f"eps must be a finite number > 0 or None (the optimizer's default), got {self.eps!r}")
+        if not isinstance(self.adapt_all, bool):
+            raise TypeError(f"adapt_all must be True or False, got {self.adapt_all!r}")
+        if self.adapt_all and self.optimizer not in ("lars", "lamb"):
+            raise ValueError(f"adapt_all=True applies to optimizer='lars' or 'lamb' (their trust ratio), "
+                             f"got optimizer={self.optimizer!r}")
         if self.scale_rule not in SCALE_RULES:
             raise ValueError(f"scale_rule={self.scale_rule!r} is not known; use one of {SCALE_RULES}")
         if self.base_batch_size is not None:

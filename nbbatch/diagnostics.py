@@ -5,11 +5,17 @@ and a learning-rate range test.
 
   - ``gradient_noise_scale``: exact, from per-example gradients (``torch.func`` ``vmap`` over
     ``grad``) over all training examples or a sample of them;
-  - ``two_batch_estimate`` / ``NoiseScaleEMA`` / ``noise_scale_two_batch``: McCandlish's unbiased
+  - ``two_batch_estimate`` / ``NoiseScaleEMA`` / ``noise_scale_two_batch``: McCandlish's
     estimator from squared gradient norms at a small and a big batch, numerator and denominator
     smoothed separately before dividing;
   - ``OnlineNoiseScale``: the same estimator inside ``Trainer`` steps (``noise_scale_every=``),
     from the first micro-batch against the whole batch.
+
+  Batches are drawn without replacement from the ``N`` training examples, so a batch of ``B``
+  has ``E|g_B|^2 = |G|^2 + c_B S^2`` with ``c_B = 1/B - 1/N`` and ``S^2 = N tr(Sigma)/(N - 1)``
+  (the finite-population correction; McCandlish's ``1/B`` is its ``N -> inf`` limit). All the
+  estimators here use that one formula (``sampling_factor``), which makes them unbiased for the
+  data set; without it ``B_simple`` comes out about ``1/(1 - B_simple/N)`` times too large.
 
 * ``sweep``: steps and examples to reach a target per batch size, with the best learning rate per
   batch size from a grid or a scaling rule; ``fit_critical_batch`` fits ``S = S_min + E_min/B``
@@ -33,7 +39,7 @@ import torch
 import torch.nn as nn
 
 __all__ = [
-    "NoiseScale", "gradient_noise_scale", "two_batch_estimate", "NoiseScaleEMA", "noise_scale_two_batch",
+    "NoiseScale", "gradient_noise_scale", "sampling_factor", "two_batch_estimate", "NoiseScaleEMA", "noise_scale_two_batch",
     "OnlineNoiseScale", "CriticalBatchFit", "fit_critical_batch", "SweepResult", "sweep",
     "LRFinderResult", "lr_find", "smoothed_noise_scale",
 ]
@@ -114,6 +120,20 @@ class NoiseScale:
     def of(trace: float, grad_sq: float, examples: int) -> "NoiseScale":
         b = trace / grad_sq if grad_sq > 0 else math.inf
         return NoiseScale(float(b), float(trace), float(grad_sq), int(examples))
+
+
+def sampling_factor(batch: int, population: int | None = None) -> float:
+    """``c_B = 1/B - 1/N``: the variance factor of a mean over ``B`` of ``N`` examples drawn without replacement.
+
+    A batch mean ``g_B`` of per-example gradients drawn without replacement from ``N`` examples has
+    ``E|g_B|^2 = |G|^2 + c_B S^2`` with ``S^2 = sum_i |g_i - G|^2 / (N - 1) = N tr(Sigma)/(N - 1)``.
+    ``population=None`` (a source of unknown size, or independent draws) gives McCandlish's ``1/B``.
+
+    Example:
+        >>> sampling_factor(8), sampling_factor(8, 48), sampling_factor(48, 48)
+        (0.125, 0.10416666666666667, 0.0)
+    """
+    return 1.0 / batch - (0.0 if population is None else 1.0 / population)
 
 
 def gradient_noise_scale(model: nn.Module, data, *, loss="cross_entropy", sample: int | None = None,
@@ -197,26 +217,32 @@ def gradient_noise_scale(model: nn.Module, data, *, loss="cross_entropy", sample
     scatter = max(float(total_sq) - n * mean_sq, 0.0)
     if n == n_all:
         return NoiseScale.of(scatter / n, mean_sq, n)
-    # a subset drawn without replacement: E s^2 = sum_i |g_i - G|^2 / (N - 1) over the data set
+    # a subset drawn without replacement: E s^2 = S^2 = sum_i |g_i - G|^2 / (N - 1) over the data set,
+    # and E|mean|^2 = |G|^2 + c_n S^2 (the same finite-population formula as the two-batch estimator)
     s2 = scatter / (n - 1)
-    return NoiseScale.of(s2 * (n_all - 1) / n_all, mean_sq - (1.0 / n - 1.0 / n_all) * s2, n)
+    return NoiseScale.of(s2 * (n_all - 1) / n_all, mean_sq - sampling_factor(n, n_all) * s2, n)
 
 
-def two_batch_estimate(sq_small, sq_big, b_small: int, b_big: int) -> tuple:
-    """McCandlish's unbiased estimates of ``|G|^2`` and ``tr(Sigma)`` from two squared gradient norms.
+def two_batch_estimate(sq_small, sq_big, b_small: int, b_big: int, population: int | None = None) -> tuple:
+    """Unbiased estimates of ``|G|^2`` and ``tr(Sigma)`` from two squared gradient norms (McCandlish et al.).
 
-    With ``|g_B|^2`` the squared norm of a mean gradient over ``B`` examples,
-    ``E|g_B|^2 = |G|^2 + tr(Sigma)/B``; two batch sizes give two equations:
+    With ``|g_B|^2`` the squared norm of a mean gradient over ``B`` examples drawn without
+    replacement from ``N``, ``E|g_B|^2 = |G|^2 + c_B S^2`` with ``c_B = 1/B - 1/N`` and
+    ``S^2 = N tr(Sigma)/(N - 1)`` (``sampling_factor``); two batch sizes give two equations:
 
-        |G|^2     ~ (b_big |g_big|^2 - b_small |g_small|^2) / (b_big - b_small)
-        tr(Sigma) ~ (|g_small|^2 - |g_big|^2) / (1/b_small - 1/b_big)
+        |G|^2     ~ (c_small |g_big|^2 - c_big |g_small|^2) / (c_small - c_big)
+        tr(Sigma) ~ (|g_small|^2 - |g_big|^2) / (c_small - c_big) * (N - 1)/N
 
-    Single estimates are noisy and either may be negative; average (or ``NoiseScaleEMA``) many of
-    them before dividing. Works elementwise on floats or tensors.
+    ``population=None`` (data of unknown size) uses McCandlish's ``c_B = 1/B``, exact for
+    independent draws and biased for a finite data set: ``B_simple`` comes out about
+    ``1/(1 - B_simple/N)`` times too large. Single estimates are noisy and either may be negative;
+    average (or ``NoiseScaleEMA``) many of them before dividing. Works elementwise on floats or tensors.
 
     Args:
-        sq_small, sq_big: squared norms of the gradients of a small and a big batch.
+        sq_small, sq_big: squared norms of the mean gradients of a small and a big batch.
         b_small, b_big: their batch sizes, ``b_small < b_big``.
+        population: ``N``, the number of examples the batches are drawn from (without
+            replacement), ``N >= b_big``; None for the ``1/B`` approximation.
 
     Returns:
         ``(grad_sq, trace)``.
@@ -224,6 +250,9 @@ def two_batch_estimate(sq_small, sq_big, b_small: int, b_big: int) -> tuple:
     Example:
         >>> two_batch_estimate(1.0 + 20.0 / 4, 1.0 + 20.0 / 64, 4, 64)   # |G|^2 = 1, tr(Sigma) = 20
         (1.0, 20.0)
+        >>> s2 = 20.0 * 100 / 99                                         # the same from N = 100 examples
+        >>> [round(v, 9) for v in two_batch_estimate(1 + s2 * (1/4 - 1/100), 1 + s2 * (1/64 - 1/100), 4, 64, 100)]
+        [1.0, 20.0]
     """
     for name, value in (("b_small", b_small), ("b_big", b_big)):
         if not _is_int(value) or value < 1:
@@ -232,8 +261,13 @@ def two_batch_estimate(sq_small, sq_big, b_small: int, b_big: int) -> tuple:
         raise ValueError(f"b_small and b_big are equal ({b_small}); the estimator needs two different batch sizes")
     if b_small > b_big:
         raise ValueError(f"b_small={b_small} is larger than b_big={b_big}; pass the smaller batch size first")
-    grad_sq = (b_big * sq_big - b_small * sq_small) / (b_big - b_small)
-    trace = (sq_small - sq_big) / (1.0 / b_small - 1.0 / b_big)
+    if population is not None and (not _is_int(population) or population < b_big):
+        raise ValueError(f"population must be an int >= b_big={b_big} (the examples the batches are drawn "
+                         f"from) or None, got {population!r}")
+    c_small, c_big = sampling_factor(b_small, population), sampling_factor(b_big, population)
+    grad_sq = (c_small * sq_big - c_big * sq_small) / (c_small - c_big)
+    s2 = (sq_small - sq_big) / (c_small - c_big)        # S^2, the scatter over N - 1
+    trace = s2 if population is None else s2 * ((population - 1) / population)
     return grad_sq, trace
 
 
@@ -292,7 +326,8 @@ def noise_scale_two_batch(model: nn.Module, data, b_small: int, b_big: int, *, d
 
     Each draw takes a small and a big batch (random examples without replacement, seeded), computes
     their mean-loss gradients with ``loss.backward()`` and feeds the two squared norms to
-    ``two_batch_estimate``. The estimates are averaged (``smoothing=None``) or smoothed with an EMA,
+    ``two_batch_estimate`` with ``population=len(data)``, so the averaged ``grad_sq`` and ``trace``
+    are unbiased for the data set (the finite-population correction ``c_B = 1/B - 1/N``). The estimates are averaged (``smoothing=None``) or smoothed with an EMA,
     numerator and denominator separately. The model's parameters, buffers and ``.grad`` are left
     as they were; the model runs in its current mode (in training mode batch norm normalises by
     batch statistics; its running statistics are put back afterwards).
@@ -339,7 +374,7 @@ def noise_scale_two_batch(model: nn.Module, data, b_small: int, b_big: int, *, d
         for _ in range(draws):
             small = torch.randperm(len(x), generator=gen)[:b_small]
             big = torch.randperm(len(x), generator=gen)[:b_big]
-            g2, tr = two_batch_estimate(sq_norm(small), sq_norm(big), b_small, b_big)
+            g2, tr = two_batch_estimate(sq_norm(small), sq_norm(big), b_small, b_big, len(x))
             if smoothing is None:
                 sums[0] += g2
                 sums[1] += tr
@@ -361,22 +396,39 @@ class OnlineNoiseScale:
 
     Every ``every``-th step the Trainer reads the squared gradient norm after the first micro-batch
     (the small batch) and after the whole batch (the big batch); with ``accumulate=1`` it splits
-    that step's batch into two halves to have a small batch at all. The History then carries
-    ``noise_grad_sq`` and ``noise_trace`` (that step's unbiased estimates) and ``b_simple`` (their
-    EMAs divided), and ``None`` on the other steps.
+    that step's batch into two halves to have a small batch at all. Data-parallel, the big batch is
+    the global batch and the small one this process's first micro-batch. The History then carries
+    ``noise_grad_sq`` and ``noise_trace`` (that step's estimates, unbiased for the data set) and
+    ``b_simple`` (their EMAs divided), and ``None`` on the other steps.
+
+    Each batch of an epoch is a uniform draw without replacement from the ``population`` training
+    examples (and its first micro-batch one from them too), so the estimates use
+    ``c_B = 1/B - 1/N`` (``two_batch_estimate``). ``population=None``, for a source of unknown size
+    or one that samples with replacement, uses McCandlish's ``1/B`` approximation, which inflates
+    ``B_simple`` by about ``1/(1 - B_simple/N)`` when the batches do come from ``N`` examples.
+
+    Args:
+        every: measure every this many steps.
+        smoothing: EMA weight of the past for ``b_simple``, in [0, 1).
+        population: ``N``, the training examples the batches are drawn from; None if unknown.
 
     Example:
         >>> online = OnlineNoiseScale(every=10, smoothing=0.0)
         >>> online.record(torch.tensor(6.0), torch.tensor(1.3125), 4, 64)["b_simple"]
         20.0
+        >>> round(OnlineNoiseScale(10, 0.0, population=4000).record(torch.tensor(6.0), torch.tensor(1.3125), 4, 64)["b_simple"], 2)
+        19.9
     """
 
     COLUMNS = ("noise_grad_sq", "noise_trace", "b_simple")
     EMPTY = {"noise_grad_sq": None, "noise_trace": None, "b_simple": None}
 
-    def __init__(self, every: int, smoothing: float = 0.9):
+    def __init__(self, every: int, smoothing: float = 0.9, population: int | None = None):
         self.every = _check_positive_int("noise_scale_every", every)
         self.ema = NoiseScaleEMA(smoothing)
+        if population is not None:
+            _check_positive_int("population", population)
+        self.population = population
 
     def due(self, step: int) -> bool:
         return step % self.every == 0
@@ -384,7 +436,7 @@ class OnlineNoiseScale:
     def record(self, sq_small: torch.Tensor, sq_big: torch.Tensor, b_small: int, b_big: int) -> dict:
         """Squared norms (tensors, one device sync for both) -> the History's columns."""
         s, b = torch.stack([sq_small.double(), sq_big.double()]).tolist()
-        g2, tr = two_batch_estimate(s, b, b_small, b_big)
+        g2, tr = two_batch_estimate(s, b, b_small, b_big, self.population)
         return {"noise_grad_sq": g2, "noise_trace": tr, "b_simple": self.ema.update(g2, tr)}
 
     def rebuild(self, steps) -> None:

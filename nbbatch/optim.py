@@ -9,6 +9,9 @@ papers line by line (see each class), so the tests can check them against hand-c
 - LAMB (You et al. 2019, "Large Batch Optimization for Deep Learning: Training BERT in 76
   minutes"): the Adam direction with decoupled weight decay, rescaled per layer so that its norm
   is ``lr * |w|``.
+- ``layerwise_groups``: the parameter groups the Trainer uses for both by name: weight matrices
+  and kernels adapted and weight-decayed, 1-D tensors (biases, norm weights) neither, as the
+  papers' implementations do.
 - Gradient noise (Neelakantan et al. 2015, "Adding Gradient Noise Improves Learning for Very
   Deep Networks"): Gaussian noise of variance ``eta / (1 + t)**gamma`` added to each gradient.
 """
@@ -20,7 +23,13 @@ from typing import Iterable
 
 import torch
 
-__all__ = ["LARS", "LAMB", "add_gradient_noise", "gradient_noise_std"]
+__all__ = ["LARS", "LAMB", "layerwise_groups", "add_gradient_noise", "gradient_noise_std"]
+
+#: LAMB's eps when none is given: the paper's BERT runs and the reference implementations
+#: (NVIDIA's FusedLAMB, torch-optimizer, timm) use 1e-6. Adam's 1e-8 would let ``r = m/(sqrt(v)+eps)``
+#: of a coordinate with a tiny gradient grow towards ``sign(g)``, which the layer-wise rescaling
+#: then spreads over the whole layer's step.
+LAMB_EPS = 1e-6
 
 
 def _is_number(value) -> bool:
@@ -35,6 +44,39 @@ def _check(name: str, value, low: float, high: float = math.inf, *, low_open: bo
         lo = "(" if low_open else "["
         hi = ")" if high_open else "]"
         raise ValueError(f"{name} must be a number in {lo}{low}, {high}{hi}, got {value!r}")
+
+
+def layerwise_groups(params: Iterable, weight_decay: float = 0.0, adapt_all: bool = False) -> list[dict]:
+    """Parameter groups for LARS/LAMB as the large-batch papers' implementations use them.
+
+    Tensors with two or more dimensions (weight matrices, convolution kernels) get the layer-wise
+    trust ratio and weight decay; 1-D tensors and scalars (biases, batch/layer-norm weights and
+    shifts) get neither: ``adapt=False`` (a plain SGD-momentum or AdamW step) and
+    ``weight_decay=0`` (You et al.'s LARS and LAMB code, and Goyal et al. 2017 for weight decay).
+    ``adapt_all=True`` puts every tensor in one adapted, weight-decayed group. Each group carries a
+    ``"name"`` (``"adapted"`` or ``"1-d"``) so ``optimizer.param_groups`` shows the split; an empty
+    group is left out.
+
+    Args:
+        params: parameters (tensors) in model order.
+        weight_decay: the weight decay of the adapted group, >= 0.
+        adapt_all: adapt and weight-decay every tensor.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+        >>> [(g["name"], len(g["params"]), g["adapt"], g["weight_decay"]) for g in layerwise_groups(model.parameters(), 1e-4)]
+        [('adapted', 1, True, 0.0001), ('1-d', 3, False, 0.0)]
+    """
+    _check("weight_decay", weight_decay, 0.0)
+    if not isinstance(adapt_all, bool):
+        raise TypeError(f"adapt_all must be True or False, got {adapt_all!r}")
+    params = list(params)
+    if adapt_all:
+        return [{"params": params, "name": "adapted", "adapt": True, "weight_decay": weight_decay}]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "name": "adapted", "adapt": True,
+               "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "name": "1-d", "adapt": False, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 class LARS(torch.optim.Optimizer):
@@ -140,7 +182,7 @@ class LAMB(torch.optim.Optimizer):
         params: parameters or parameter groups.
         lr: learning rate.
         betas: (beta1, beta2), each in [0, 1).
-        eps: > 0, added to sqrt(v).
+        eps: > 0, added to sqrt(v); default 1e-6 (``LAMB_EPS``: the paper's and reference code's value).
         weight_decay: decoupled weight decay lambda >= 0.
         max_trust: clamp of phi(|w|) (> 0), or None.
         bias_correction: apply Adam's bias correction.
@@ -154,7 +196,7 @@ class LAMB(torch.optim.Optimizer):
         [2.6464, 4.3536]
     """
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple = (0.9, 0.999), eps: float = 1e-6,
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple = (0.9, 0.999), eps: float = LAMB_EPS,
                  weight_decay: float = 0.0, max_trust: float | None = None, bias_correction: bool = True):
         _check("lr", lr, 0.0)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:

@@ -31,7 +31,7 @@ from .distributed import StopAgreed
 from .distributed import resolve as resolve_distributed
 from .history import History
 from .norms import warn_accumulation_with_bn
-from .optim import LAMB, LARS, add_gradient_noise, gradient_noise_std
+from .optim import LAMB, LAMB_EPS, LARS, add_gradient_noise, gradient_noise_std, layerwise_groups
 from .memory import checkpointed
 from .schedules import Schedule, scale_lr
 
@@ -249,7 +249,10 @@ class Trainer:
         self._reads_memory = device.type != "cpu"   # the CPU keeps no allocator statistics
         self._noise = None
         if cfg.noise_scale_every is not None:
-            self._noise = OnlineNoiseScale(cfg.noise_scale_every, cfg.noise_scale_smoothing)
+            # The finite-population correction needs N, the examples each global batch is drawn from
+            # without replacement; None (McCandlish's 1/B) where the source does not say.
+            self._noise = OnlineNoiseScale(cfg.noise_scale_every, cfg.noise_scale_smoothing,
+                                           population=_sampled_population(data, n_train))
 
     # ------------------------------------------------------------------ small public surface
     @property
@@ -960,14 +963,18 @@ def _build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     name, lr, wd = cfg.optimizer, cfg.lr, cfg.weight_decay
     if name in ("sgd", "momentum", "nesterov"):
         return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum_value, nesterov=name == "nesterov", weight_decay=wd)
+    adam_eps = 1e-8 if cfg.eps is None else cfg.eps        # torch's (and Kingma & Ba's) default
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=wd)
+        return torch.optim.Adam(params, lr=lr, betas=tuple(cfg.betas), eps=adam_eps, weight_decay=wd)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=wd)
-    if name == "lars":
-        return LARS(params, lr=lr, momentum=cfg.momentum_value, weight_decay=wd)
-    if name == "lamb":
-        return LAMB(params, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=wd)
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.betas), eps=adam_eps, weight_decay=wd)
+    if name in ("lars", "lamb"):
+        # weight matrices adapted and decayed; 1-D tensors (biases, norms) neither, unless adapt_all
+        groups = layerwise_groups(params, wd, cfg.adapt_all)
+        if name == "lars":
+            return LARS(groups, lr=lr, momentum=cfg.momentum_value, weight_decay=wd)
+        return LAMB(groups, lr=lr, betas=tuple(cfg.betas), eps=LAMB_EPS if cfg.eps is None else cfg.eps,
+                    weight_decay=wd)
     try:
         opt = name(params, lr=lr)
     except TypeError as err:
@@ -1023,6 +1030,25 @@ def _length(data) -> int | None:
     if isinstance(data, DataLoader):
         return len(data.dataset) if hasattr(data.dataset, "__len__") else None
     return len(data)
+
+
+def _sampled_population(data, n_train: int | None) -> int | None:
+    """N for the online noise scale: the examples each batch is drawn from without replacement.
+
+    Tensors, a DataBundle and a map-style Dataset are shuffled by the Trainer (one permutation per
+    epoch, shared by all processes): N is the training set. A DataLoader draws by its sampler: N is
+    its dataset's length for torch's shuffling (without replacement) or sequential sampler over the
+    whole dataset, else None (unknown: the 1/B approximation).
+    """
+    if not isinstance(data, DataLoader):
+        return n_train
+    sampler = getattr(data, "sampler", None)
+    whole = n_train is not None and n_train >= 2
+    if isinstance(sampler, torch.utils.data.RandomSampler):
+        return n_train if whole and not sampler.replacement and sampler.num_samples == n_train else None
+    if isinstance(sampler, torch.utils.data.SequentialSampler):
+        return n_train if whole else None
+    return None
 
 
 def _first_batch(data):

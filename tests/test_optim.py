@@ -190,7 +190,7 @@ def test_trainer_builds_them_by_name_and_steps_like_the_optimizer(toy, name, cls
     model = make_mlp()
     ref = copy.deepcopy(model)
     t = Trainer(model, (x, y), batch_size=32, lr=0.5 if name == "lars" else 0.01, optimizer=name,
-                weight_decay=1e-3, seed=4)
+                weight_decay=1e-3, seed=4, adapt_all=True, **({} if name == "lars" else {"eps": 1e-8}))
     assert isinstance(t.optimizer, cls)
     ref_opt = cls(ref.parameters(), lr=t.peak_lr, weight_decay=1e-3,
                   **({"momentum": 0.9} if name == "lars" else {"eps": 1e-8}))
