@@ -500,6 +500,28 @@ def test_compare_scales_lr_and_matches_runs_alone(small):
     assert rc.image.value[:4] == b"\x89PNG"
 
 
+def test_panel_refuses_a_batch_larger_than_the_training_set_as_it_is_chosen(small):
+    p = TrainingPanel(data=small, headless=True, values={"batch_size": 32})
+    try:
+        p.batch_size_w.value = 4096
+        assert "larger than the training set" in p.message.value and p.trainer is None
+        assert p.check_settings() is not None
+        p.batch_size_w.value = 32
+        assert p.check_settings() is None
+    finally:
+        p.close()
+
+
+def test_compare_takes_the_seed_of_every_run(small):
+    a = compare((16,), data=small, epochs=1, headless=True, interleave="steps", device="cpu", seed=3)
+    b = RunComparison([{"batch_size": 16, "lr": 0.05 * 16 / 64, "device": "cpu"}], data=small, epochs=1,
+                      headless=True, seed=3)
+    b.train()
+    c = compare((16,), data=small, epochs=1, headless=True, interleave="steps", device="cpu")   # seed 0
+    assert same_weights(a.trainers[0].model, b.trainers[0].model)
+    assert not same_weights(a.trainers[0].model, c.trainers[0].model)
+
+
 def test_comparison_stop_is_shared_and_resumable(small):
     rc = RunComparison([{"batch_size": 8}, {"batch_size": 64}], data=small, epochs=20, interleave="steps")
     try:

@@ -221,11 +221,12 @@ class RunComparison:
 
 def compare(batch_sizes: Sequence[int] = (16, 128, 1024), *, lr: float = 0.05, base_batch_size: int = 64,
             scale_rule: str = "linear", data=None, epochs: float | None = 5, steps: int | None = None,
-            interleave: str = "time", headless: bool = False, **options) -> RunComparison:
+            interleave: str = "time", headless: bool = False, seed: int = 0, **options) -> RunComparison:
     """A ``RunComparison`` of batch sizes with the learning rate scaled from ``base_batch_size``.
 
     Headless: trains at once (blocking) and returns the finished comparison. Otherwise returns the
-    widget, ready for its Train button. ``options`` go to every run (model, norm, optimizer, ...).
+    widget, ready for its Train button. ``options`` go to every run (model, norm, optimizer, ...);
+    every run starts from the same ``seed`` (initial weights and data order).
 
     Example:
         >>> from nbbatch import data
@@ -237,7 +238,8 @@ def compare(batch_sizes: Sequence[int] = (16, 128, 1024), *, lr: float = 0.05, b
         raise ValueError(f"batch_sizes must be a non-empty sequence of ints, got {batch_sizes!r}")
     configs = [dict(options, batch_size=b, lr=lr, base_batch_size=base_batch_size, scale_rule=scale_rule)
                for b in batch_sizes]
-    rc = RunComparison(configs, data=data, epochs=epochs, steps=steps, interleave=interleave, headless=headless)
+    rc = RunComparison(configs, data=data, epochs=epochs, steps=steps, interleave=interleave, headless=headless,
+                       seed=seed)
     if headless:
         rc.train()
     return rc

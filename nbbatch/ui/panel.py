@@ -145,6 +145,8 @@ class TrainingPanel:
             raise ValueError(f"values: unknown control(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
         vals.update(values or {})
         self.build = build if build is not None else (None if trainer is not None else default_builder(data))
+        # the training set's size, where the panel knows it: settings are checked against it as they change
+        self._n_train = len(data.x_train) if hasattr(data, "x_train") else None
         self.headless = headless
         self.epochs = epochs
         self.checkpoint_path = os.fspath(checkpoint_path)
@@ -433,6 +435,9 @@ class TrainingPanel:
                         precision=v["precision"], **_warmup_options(v["warmup_steps"]))
         except (ValueError, TypeError) as err:
             return str(err)
+        n = self._n_train
+        if n is not None and v["batch_size"] > n:
+            return f"batch_size={v['batch_size']} is larger than the training set ({n} examples)"
         return None
 
     def _batch_size_changed(self, change) -> None:
