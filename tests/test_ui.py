@@ -512,6 +512,22 @@ def test_panel_refuses_a_batch_larger_than_the_training_set_as_it_is_chosen(smal
         p.close()
 
 
+def test_panel_runs_keep_a_run_log_each(small, tmp_path):
+    p = TrainingPanel(data=small, epochs=1, headless=True, values={"batch_size": 100}, log_dir=tmp_path)
+    try:
+        p.train_button.click()
+        p.batch_size_w.value = 64          # a structural change: the next Train starts a second run
+        p.train_button.click()
+        logged = [History.read(tmp_path / f"run-00{k}") for k in (1, 2)]
+        assert [len(h.steps) for h in logged] == [len(p.runs[0].history.steps), len(p.trainer.history.steps)]
+        assert logged[1].steps["loss"] == p.trainer.history.steps["loss"]
+        assert logged[0].steps["batch_size"][0] == 100 and logged[1].steps["batch_size"][0] == 64
+    finally:
+        p.close()
+    with pytest.raises(ValueError, match="log_dir"):
+        TrainingPanel(build=lambda **v: None, log_dir=tmp_path)
+
+
 def test_compare_takes_the_seed_of_every_run(small):
     a = compare((16,), data=small, epochs=1, headless=True, interleave="steps", device="cpu", seed=3)
     b = RunComparison([{"batch_size": 16, "lr": 0.05 * 16 / 64, "device": "cpu"}], data=small, epochs=1,

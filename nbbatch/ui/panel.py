@@ -58,11 +58,15 @@ def _warmup_options(steps: int) -> dict:
         {"warmup": "none", "warmup_steps": None, "warmup_epochs": None}
 
 
-def default_builder(data=None, seed: int = 0, device: str = "auto", **options) -> Callable[..., Any]:
+def default_builder(data=None, seed: int = 0, device: str = "auto", log_dir: str | os.PathLike | None = None,
+                    **options) -> Callable[..., Any]:
     """A builder ``values -> Trainer`` for the reference models on ``data`` (default mnist1d).
 
     The model is rebuilt from ``seed`` each time, so two runs with the same values start from
     the same weights. ``options`` are further ``TrainConfig`` fields (``eval_every``, ...).
+    With ``log_dir``, each run built keeps an on-disk run log (``Trainer(log_dir=...)``) in its
+    own folder ``<log_dir>/run-001``, ``run-002``, ...: a run survives a kernel that dies
+    (``History.read``).
 
     Example:
         >>> from nbbatch import data
@@ -79,11 +83,23 @@ def default_builder(data=None, seed: int = 0, device: str = "auto", **options) -
             from .. import data as data_mod
 
             cache["data"] = data if data is not None else data_mod.mnist1d()
+        extra = dict(options)
+        if log_dir is not None:
+            extra["log_dir"] = _next_run_dir(log_dir)
         return build_trainer(cache["data"], seed=seed, model=model, norm=norm, batch_size=batch_size, lr=lr,
                              optimizer=optimizer, accumulate=accumulate, precision=precision, device=device,
-                             warmup_steps=warmup_steps, **options)
+                             warmup_steps=warmup_steps, **extra)
 
     return build
+
+
+def _next_run_dir(log_dir: str | os.PathLike) -> str:
+    """The first ``<log_dir>/run-NNN`` not yet there (runs of earlier sessions are kept)."""
+    root = os.fspath(log_dir)
+    k = 1
+    while os.path.exists(os.path.join(root, f"run-{k:03d}")):
+        k += 1
+    return os.path.join(root, f"run-{k:03d}")
 
 
 class TrainingPanel:
@@ -100,6 +116,8 @@ class TrainingPanel:
         build: ``build(**values) -> Trainer`` called with the panel's values (keys of
             ``DEFAULTS``); default: the reference models on ``data`` (``default_builder``).
         data: the dataset of the default builder (default mnist1d).
+        log_dir: with the default builder, keep an on-disk run log of every run in
+            ``<log_dir>/run-NNN`` (see ``default_builder``); None: none.
         epochs: training length of one Train press (also a control of the panel; default 15).
         headless: True for scripts and nbval: Train blocks until the run ends, no live redraws.
         refresh: seconds between live-figure frames (coalesced; see ``Refresher``).
@@ -117,7 +135,7 @@ class TrainingPanel:
 
     def __init__(self, trainer=None, *, build: Callable[..., Any] | None = None, data=None,
                  epochs: float = DEFAULT_EPOCHS, headless: bool = False, refresh: float = 1.0,
-                 checkpoint_path: str | os.PathLike = "nbbatch_checkpoint.pt",
+                 checkpoint_path: str | os.PathLike = "nbbatch_checkpoint.pt", log_dir: str | os.PathLike | None = None,
                  values: Mapping[str, Any] | None = None, x: str = "step"):
         if trainer is not None and not hasattr(trainer, "fit"):
             raise TypeError(f"trainer must be an nbbatch Trainer or None, got {type(trainer).__name__}")
@@ -125,6 +143,11 @@ class TrainingPanel:
             raise ValueError("give trainer= or build=, not both")
         if build is not None and not callable(build):
             raise TypeError("build must be a callable returning a Trainer")
+        if log_dir is not None and (trainer is not None or build is not None):
+            raise ValueError("log_dir is for the default builder: give a Trainer its own log_dir, or pass "
+                             "log_dir to your build function's Trainer")
+        if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
+            raise TypeError(f"log_dir must be a path or None, got {type(log_dir).__name__}")
         if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not epochs > 0:
             raise ValueError(f"epochs must be a number > 0, got {epochs!r}")
         if not isinstance(headless, bool):
@@ -144,7 +167,7 @@ class TrainingPanel:
         if unknown:
             raise ValueError(f"values: unknown control(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
         vals.update(values or {})
-        self.build = build if build is not None else (None if trainer is not None else default_builder(data))
+        self.build = build if build is not None else (None if trainer is not None else default_builder(data, log_dir=log_dir))
         # the training set's size, where the panel knows it: settings are checked against it as they change
         self._n_train = len(data.x_train) if hasattr(data, "x_train") else None
         self.headless = headless
