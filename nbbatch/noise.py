@@ -8,6 +8,8 @@ from ``N`` has ``E|g_B|^2 = |G|^2 + c_B S^2`` with ``c_B = 1/B - 1/N`` (``sampli
 steps. This module sits below the Trainer and imports nothing of nbbatch; the measurements that
 drive models and data (``gradient_noise_scale``, ``noise_scale_two_batch``, ``sweep``) live in
 ``nbbatch.diagnostics``, which re-exports these names.
+
+Written by hand because no maintained library offers these estimators.
 """
 
 from __future__ import annotations

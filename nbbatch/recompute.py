@@ -11,6 +11,10 @@
 
 This module sits below the Trainer and imports nothing of nbbatch; ``nbbatch.memory``
 re-exports ``checkpointed``, ``Checkpointed`` and ``CheckpointedSequential``.
+
+The recomputation is ``torch.utils.checkpoint``; written by hand are the chunking (as
+``checkpoint_sequential``, with batch-norm statistics kept to one update) and the saved-tensor
+count (no maintained library counts the bytes a CPU training step keeps alive).
 """
 
 from __future__ import annotations
