@@ -39,7 +39,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import nbbatch  # noqa: E402
 from nbbatch import Trainer, data, models, seed_everything  # noqa: E402
-from nbbatch.diagnostics import gradient_noise_scale, noise_scale_two_batch, sampling_factor, two_batch_estimate  # noqa: E402
+from nbbatch.diagnostics import gradient_noise_scale, noise_scale_two_batch  # noqa: E402
+from nbbatch.noise import sampling_factor, two_batch_estimate  # noqa: E402
 
 
 def ratio_and_se(g2_blocks, tr_blocks) -> tuple[float, float, float, float]:

@@ -20,10 +20,13 @@ import math
 import os
 import sys
 
+from . import data as datasets
 from .config import OPTIMIZERS
 from .device import PRECISIONS
-from .models import MODELS, NORMS
+from .diagnostics import sweep as run_sweep
+from .models import MODELS, NORMS, make_model
 from .schedules import DECAYS, SCALE_RULES, WARMUPS
+from .trainer import Trainer
 
 # the datasets a command line can build (classification; the IDX loader needs file paths)
 DATASETS = ("mnist1d", "digits", "teacher_student")
@@ -207,10 +210,6 @@ def sweep(args: argparse.Namespace, out=None) -> int:
     out = sys.stdout if out is None else out
     import torch
 
-    from . import data as datasets
-    from .diagnostics import sweep as run_sweep
-    from .models import make_model
-
     check_sweep_args(args)
     batch_sizes = parse_batch_sizes(args.batch_sizes)
     factors = _floats(args.lr_factors, "--lr-factors")
@@ -268,10 +267,6 @@ def sweep(args: argparse.Namespace, out=None) -> int:
 def train(args: argparse.Namespace, out=None) -> int:
     out = sys.stdout if out is None else out
     import torch
-
-    from . import data as datasets
-    from .models import make_model
-    from .trainer import Trainer
 
     check_train_args(args)
     if args.threads:

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Union
 
 from .device import PRECISIONS
+from .losses import LOSSES
 from .schedules import DECAYS, SCALE_RULES, WARMUPS
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "lars", "lamb")
-LOSSES = ("cross_entropy", "mse")
 
 OptimizerSpec = Union[str, Callable[..., Any]]
 
@@ -108,7 +108,7 @@ class TrainConfig:
             shuffling or sequential one uses the ``1/B`` approximation); see ``OnlineNoiseScale``.
         noise_scale_smoothing: EMA weight of the past for the recorded ``b_simple``, in [0, 1).
         checkpoint_segments: activation checkpointing of an ``nn.Sequential`` model in this many
-            chunks (0: off); see ``nbbatch.memory.CheckpointedSequential``.
+            chunks (0: off); see ``nbbatch.recompute.CheckpointedSequential``.
 
     Example:
         >>> cfg = TrainConfig(batch_size=1024, lr=0.1, base_batch_size=256, scale_rule="linear")

@@ -16,7 +16,8 @@
   doubling throughput.
 - :func:`checkpointed` wraps an ``nn.Sequential`` for activation checkpointing
   (``torch.utils.checkpoint``), the Trainer's ``checkpoint_segments`` option;
-  :class:`Checkpointed` marks single blocks of any model.
+  :class:`Checkpointed` marks single blocks of any model (both defined in ``nbbatch.recompute``,
+  below the Trainer, with the saved-tensor counter; re-exported here).
 - :func:`compare` measures configurations side by side; :func:`plan` turns a target batch and a
   budget into micro-batch, accumulation, learning rate and warm-up (``Trainer.from_plan``).
 
@@ -33,7 +34,6 @@ import copy
 import gc
 import math
 import statistics
-import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -41,7 +41,15 @@ from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.data import DataLoader, Dataset
+
+from .batching import as_tensors
+from .config import TrainConfig
+from .device import describe_device, process_peak_rss_bytes, resolve_device, resolve_precision
+# activation recomputation lives below the Trainer (nbbatch.recompute); its names are importable from here too
+from .recompute import Checkpointed, CheckpointedSequential, SavedCounter, checkpointed, storage_key
+from .schedules import SCALE_RULES, scale_lr
+from .trainer import Trainer
 
 __all__ = [
     "Checkpointed",
@@ -63,7 +71,6 @@ __all__ = [
 
 PARTS = ("params", "grads", "optimizer", "activations")
 ROUNDINGS = (None, 8, "pow2")
-_ACTIVE = threading.local()   # the counter of the accounted step running in this thread, if any
 
 
 # ====================================================================== checks
@@ -107,16 +114,11 @@ def _mib(n: float) -> float:
 
 
 # ====================================================================== exact accounting (CPU)
-def _storage(t: torch.Tensor) -> tuple[tuple, int]:
-    s = t.untyped_storage()
-    return (t.device.type, t.device.index, s.data_ptr()), s.nbytes()
-
-
 def _unique_bytes(tensors) -> int:
     seen: dict = {}
     for t in tensors:
         if isinstance(t, torch.Tensor):
-            key, n = _storage(t)
+            key, n = storage_key(t)
             seen[key] = n
     return sum(seen.values())
 
@@ -126,77 +128,6 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer):
         for v in state.values():
             if isinstance(v, torch.Tensor):
                 yield v
-
-
-class _Held:
-    """What the pack hook stores in the graph: the tensor, released (and uncounted) with the graph."""
-
-    __slots__ = ("tensor", "key", "counter", "__weakref__")
-
-    def __init__(self, counter: "_SavedCounter", tensor: torch.Tensor, key):
-        self.tensor, self.key, self.counter = tensor, key, counter
-
-    def __del__(self):
-        self.counter._release(self.key)
-
-
-class _SavedCounter:
-    """Count the bytes of tensors autograd saves for backward while they are alive.
-
-    Each storage is counted once however many saved tensors view it; storages in ``exclude``
-    (the parameters and buffers: counted in their own part) are not counted. ``peak`` is the largest
-    total alive at any moment of the step (micro-batches of an accumulated step free their
-    graph before the next one starts, so they do not add up).
-    """
-
-    def __init__(self, exclude: set):
-        self.exclude = exclude
-        self.refs: dict = {}
-        self.sizes: dict = {}
-        self.live = 0
-        self.peak = 0
-        self.recompute = 0   # largest one-chunk recomputation of activation checkpointing
-        self.kept = 0        # chunk inputs kept by activation checkpointing
-        self.kept_keys: set = set()
-
-    def pack(self, t: torch.Tensor):
-        key, n = _storage(t)
-        if key in self.exclude:
-            return t
-        return self.hold(t, key, n)
-
-    @staticmethod
-    def unpack(obj):
-        return obj.tensor if isinstance(obj, _Held) else obj
-
-    def hold(self, t: torch.Tensor, key=None, n=None) -> _Held:
-        if key is None:
-            key, n = _storage(t)
-        if key not in self.refs:
-            self.refs[key] = 0
-            self.sizes[key] = n
-            self.live += n
-            self.peak = max(self.peak, self.live)
-        self.refs[key] += 1
-        return _Held(self, t, key)
-
-    def _release(self, key) -> None:
-        self.refs[key] -= 1
-        if self.refs[key] == 0:
-            del self.refs[key]
-            self.live -= self.sizes.pop(key)
-
-    def __enter__(self):
-        self._previous = getattr(_ACTIVE, "counter", None)
-        _ACTIVE.counter = self
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._hooks.__exit__(*exc)
-        _ACTIVE.counter = self._previous
-        return False
 
 
 @dataclass(frozen=True)
@@ -267,8 +198,8 @@ def account_step(trainer) -> MemoryParts:
     params = list(model.parameters())
     # parameters and buffers are counted in ``params``; autograd saves some of them (weights,
     # and batch norm's running statistics in eval mode): not a second time in ``saved``
-    exclude = {_storage(t)[0] for t in params + list(model.buffers())}
-    counter = _SavedCounter(exclude)
+    exclude = {storage_key(t)[0] for t in params + list(model.buffers())}
+    counter = SavedCounter(exclude)
     with counter:
         trainer.step()
     return MemoryParts(
@@ -281,176 +212,6 @@ def account_step(trainer) -> MemoryParts:
     )
 
 
-# ====================================================================== activation checkpointing
-class CheckpointedSequential(nn.Module):
-    """Run an ``nn.Sequential`` in ``segments`` chunks, all but the last under ``torch.utils.checkpoint``.
-
-    The activations inside a checkpointed chunk are not kept for backward; they are recomputed
-    (one extra forward of the chunk) when backward reaches it (Chen et al. 2016). Only the chunk
-    inputs stay alive. Gradients are those of the plain model (dropout masks are replayed with
-    the saved RNG state). Batch-norm running statistics are updated once, as without
-    checkpointing (the recomputation's second update is undone). Used only while gradients are
-    enabled; evaluation runs the plain model.
-
-    Args:
-        model: the ``nn.Sequential`` (its layers are shared, not copied).
-        segments: number of chunks, ``2 <= segments <= len(model)``.
-
-    Example:
-        >>> import torch
-        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-        >>> wrapped = CheckpointedSequential(net, 2)
-        >>> [len(c) for c in wrapped.chunks]
-        [1, 2]
-        >>> bool(torch.equal(wrapped(torch.ones(3, 4)), net(torch.ones(3, 4))))
-        True
-    """
-
-    def __init__(self, model: nn.Sequential, segments: int):
-        super().__init__()
-        _check_checkpointable(model, segments)
-        layers = list(model.children())
-        size = len(layers) // segments
-        # as torch.utils.checkpoint.checkpoint_sequential: equal chunks, the remainder in the last
-        bounds = [(i * size, (i + 1) * size) for i in range(segments - 1)] + [((segments - 1) * size, len(layers))]
-        self.model = model
-        self.chunks = [nn.Sequential(*layers[a:b]) for a, b in bounds]
-
-    def forward(self, x):
-        if not torch.is_grad_enabled():
-            return self.model(x)
-        counter = getattr(_ACTIVE, "counter", None)
-        for chunk in self.chunks[:-1]:
-            out = checkpoint(_run_once_updating(chunk), x, use_reentrant=False, preserve_rng_state=True)
-            if counter is not None:
-                self._account(counter, chunk, x, out)
-            x = out
-        return self.chunks[-1](x)
-
-    @staticmethod
-    def _account(counter: _SavedCounter, chunk: nn.Module, x, out) -> None:
-        # The chunk's input is kept (in checkpoint's closure) until backward is through it:
-        # tie a counted hold to the output's graph node, which lives exactly as long.
-        exclude = set(counter.exclude)
-        if isinstance(x, torch.Tensor):
-            key, n = _storage(x)
-            exclude.add(key)
-            if out.grad_fn is not None and key not in counter.exclude:
-                if key not in counter.kept_keys:
-                    counter.kept_keys.add(key)
-                    counter.kept += n
-                out.grad_fn.metadata.setdefault("nbbatch_held", []).append(counter.hold(x, key, n))
-        # What backward's recomputation of this chunk adds to its kept input: one plain
-        # forward, counted apart (RNG state kept, so the real step sees the same dropout masks).
-        sub = _SavedCounter(exclude)
-        devices = [x.device] if isinstance(x, torch.Tensor) and x.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), _keep_norm_stats(_norms(chunk)), sub:
-            inp = x.detach().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x
-            _ = chunk(inp)
-            del _
-        counter.recompute = max(counter.recompute, sub.peak)
-
-
-class Checkpointed(nn.Module):
-    """Mark one block for activation checkpointing: ``Checkpointed(block)`` computes ``block(x)``
-    under ``torch.utils.checkpoint`` while gradients are enabled (only its input is kept; its
-    inside is recomputed in backward), and plainly otherwise. Use it for the blocks of a model
-    that is not an ``nn.Sequential``; it is counted by :func:`account_step` like a chunk.
-
-    Args:
-        block: the module to checkpoint (shared, not copied).
-
-    Example:
-        >>> import torch
-        >>> block = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
-        >>> net = torch.nn.Sequential(Checkpointed(block), torch.nn.Linear(4, 2))
-        >>> net(torch.ones(3, 4)).shape
-        torch.Size([3, 2])
-    """
-
-    def __init__(self, block: nn.Module):
-        super().__init__()
-        if not isinstance(block, nn.Module):
-            raise TypeError(f"block must be an nn.Module, got {type(block).__name__}")
-        self.block = block
-
-    def forward(self, x):
-        if not torch.is_grad_enabled():
-            return self.block(x)
-        out = checkpoint(_run_once_updating(self.block), x, use_reentrant=False, preserve_rng_state=True)
-        counter = getattr(_ACTIVE, "counter", None)
-        if counter is not None:
-            CheckpointedSequential._account(counter, self.block, x, out)
-        return out
-
-
-def _norms(module: nn.Module) -> list:
-    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
-
-
-@contextlib.contextmanager
-def _keep_norm_stats(norms: list):
-    """Run a block without moving batch-norm running statistics (restored afterwards)."""
-    kept = [[b.clone() for b in m.buffers()] for m in norms]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for m, bufs in zip(norms, kept):
-                for b, v in zip(m.buffers(), bufs):
-                    b.copy_(v)
-
-
-def _run_once_updating(module: nn.Module):
-    """``module`` as a function for ``checkpoint``, whose second call (backward's recomputation)
-    leaves batch-norm running statistics as the first call left them.
-
-    The recomputation sees the same input in the same mode, so its outputs are those of the first
-    call; only the running buffers would move a second time (momentum applied twice).
-    """
-    norms = _norms(module)
-    if not norms:
-        return module
-    calls = [0]
-
-    def run(x):
-        calls[0] += 1
-        if calls[0] == 1:
-            return module(x)
-        with _keep_norm_stats(norms):
-            return module(x)
-    return run
-
-
-def _check_checkpointable(model: nn.Module, segments) -> None:
-    """Raise a clear error unless ``model`` can be checkpointed in ``segments`` chunks."""
-    if not _is_int(segments) or segments < 2:
-        raise ValueError(f"checkpoint_segments must be an int >= 2 (or 0 for no checkpointing), got {segments!r}")
-    if not isinstance(model, nn.Sequential):
-        raise TypeError(f"checkpoint_segments needs an nn.Sequential model (its layers are split into chunks), "
-                        f"got {type(model).__name__}; wrap the blocks to checkpoint in an nn.Sequential")
-    if segments > len(model):
-        raise ValueError(f"checkpoint_segments={segments} is more than the model's {len(model)} layers")
-
-
-def checkpointed(model: nn.Module, segments: int) -> nn.Module:
-    """The module the Trainer calls for the forward pass: ``model`` itself, or checkpointed.
-
-    Args:
-        model: the model (an ``nn.Sequential`` when ``segments >= 2``).
-        segments: 0 (or 1) for no checkpointing, else the number of chunks.
-
-    Example:
-        >>> import torch
-        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
-        >>> checkpointed(net, 0) is net, type(checkpointed(net, 3)).__name__
-        (True, 'CheckpointedSequential')
-    """
-    if segments in (0, 1):
-        return model
-    return CheckpointedSequential(model, segments)
-
-
 # ====================================================================== measurement
 def _sample_of(data) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, y) tensors from a DataBundle, tensors, a TensorDataset, a Dataset, a DataLoader or a Trainer.
@@ -458,9 +219,6 @@ def _sample_of(data) -> tuple[torch.Tensor, torch.Tensor]:
     Memory and speed do not depend on the values, so a Dataset or DataLoader gives one sample
     (its first batch, or its first 256 examples) that is repeated to any batch size.
     """
-    from torch.utils.data import DataLoader, Dataset
-    from .batching import as_tensors
-    from .trainer import Trainer
     if isinstance(data, Trainer):
         data = data._train.whole()
     if hasattr(data, "x_train") and hasattr(data, "y_train"):
@@ -490,7 +248,6 @@ def _tile(x: torch.Tensor, y: torch.Tensor, n: int):
 
 
 def _make_config(config, options: Mapping, batch_size: int):
-    from .config import TrainConfig
     cfg = TrainConfig(**options) if config is None else config.replace(**options)
     # Memory and speed do not depend on the lr schedule: a constant one needs no run length.
     return cfg.replace(batch_size=batch_size, warmup="none", warmup_steps=None, warmup_epochs=None,
@@ -565,7 +322,6 @@ def _trial(model, x, y, cfg, *, optimizer=None, steps: int = 2, timed: int = 0, 
 
     Returns a row: memory parts (CPU) or the allocator's peak (CUDA), time per step, examples/s.
     """
-    from .trainer import Trainer
     B = cfg.batch_size
     xb, yb = _tile(x, y, B)
     trainer = Trainer(model, (xb, yb), cfg)
@@ -750,7 +506,6 @@ def measure(model: nn.Module, data, batch_sizes: Sequence[int], config=None, *, 
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
     x, y = _sample_of(data)
     configs = [_make_config(config, options, b) for b in sizes]   # every config checked before running any
-    from .device import process_peak_rss_bytes, resolve_device, resolve_precision
     device = resolve_device(configs[0].device)
     resolve_precision(configs[0].precision, device)
     rows = []
@@ -780,7 +535,6 @@ def measure(model: nn.Module, data, batch_sizes: Sequence[int], config=None, *, 
         torch.set_rng_state(rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
-    from .device import describe_device
     return MemoryReport(rows, describe_device(device), label)
 
 
@@ -935,7 +689,6 @@ def find_max_batch_size(target, data=None, *, budget=None, margin: float = 0.05,
         >>> r.batch_size
         1657
     """
-    from .trainer import Trainer
 
     # A trainer's model is trained and restored trial by trial: no fit may run on it meanwhile.
     hold = target.exclusive("find_max_batch_size") if isinstance(target, Trainer) else contextlib.nullcontext()
@@ -946,8 +699,6 @@ def find_max_batch_size(target, data=None, *, budget=None, margin: float = 0.05,
 
 def _find_max_batch_size(target, data, *, budget, margin, start, limit, round_to, steps, strategy, config,
                          **options) -> FinderResult:
-    from .device import describe_device, resolve_device, resolve_precision
-    from .trainer import Trainer
     if not isinstance(margin, (int, float)) or isinstance(margin, bool) or not 0 <= margin < 1:
         raise ValueError(f"margin must lie in [0, 1), got {margin!r}")
     if not _is_int(start) or start < 1:
@@ -972,7 +723,6 @@ def _find_max_batch_size(target, data, *, budget, margin, start, limit, round_to
             raise ValueError("data: give the data (a DataBundle or (x, y) tensors) with a model")
         model, optimizer = target, None
         x, y = _sample_of(data)
-        from .config import TrainConfig
         base = TrainConfig(**options) if config is None else config.replace(**options)
         device = resolve_device(base.device)
         resolve_precision(base.precision, device)
@@ -1309,7 +1059,6 @@ class Plan:
 
     def to_config(self, config=None, **options):
         """A ``TrainConfig`` (per device) that runs this plan; ``options`` override other fields."""
-        from .config import TrainConfig
         k = self.lr / self.base_lr if self.base_lr > 0 else 1.0
         fields = dict(batch_size=self.per_device_batch, accumulate=self.accumulate, lr=self.lr,
                       scale_rule="none", base_batch_size=None)
@@ -1362,7 +1111,6 @@ def plan(target_batch: int, budget=None, *, memory: MemoryModel | MemoryReport |
         >>> p.micro_batch, p.accumulate, round(p.lr, 3), p.warmup_epochs
         (94, 11, 0.4, 5.0)
     """
-    from .schedules import SCALE_RULES, scale_lr
     if not _is_int(target_batch) or target_batch < 1:
         raise ValueError(f"target_batch must be a positive int, got {target_batch!r}")
     if not _is_int(world_size) or world_size < 1:

@@ -60,7 +60,7 @@ def _check_norm(norm: Any) -> str:
     return norm.lower()
 
 
-def _default_groups(num_channels: int) -> int:
+def default_groups(num_channels: int) -> int:
     # At most 8 groups (a common GroupNorm choice for narrow nets), reduced until it divides C.
     groups = min(8, num_channels)
     while num_channels % groups:
@@ -114,7 +114,7 @@ def make_norm(kind: Optional[str], num_features: int, *, dims: int = 1, groups: 
     if kind == "batch":
         return nn.BatchNorm2d(num_features) if dims == 3 else nn.BatchNorm1d(num_features)
     if kind == "group":
-        return nn.GroupNorm(groups if groups is not None else _default_groups(num_features), num_features)
+        return nn.GroupNorm(groups if groups is not None else default_groups(num_features), num_features)
     # "layer": one group normalises each sample over all of (C, L) with a per-channel
     # affine, which is what layer norm means for conv maps; LayerNorm(C) there would
     # normalise over the wrong (last) axis.

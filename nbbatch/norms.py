@@ -31,6 +31,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .models import default_groups
+
 __all__ = [
     "BNStatsRecorder",
     "BatchNormAccumulationWarning",
@@ -294,8 +296,7 @@ def _build(to: str, layer: nn.Module, name: str, image: bool, *, virtual_batch_s
     elif to == "group":
         g = groups
         if g is None:
-            from .models import _default_groups  # the same default as make_norm
-            g = _default_groups(channels)
+            g = default_groups(channels)  # the same default as make_norm
         if channels % g:
             raise ValueError(f"groups={g} does not divide the {channels} channels of {name or 'model'}; "
                              f"choose groups dividing {channels}")

@@ -37,9 +37,10 @@ from .batching import as_tensors, epoch_permutation, num_batches
 from .config import TrainConfig, check_length
 from .device import autocast_context, peak_memory_bytes, reset_peak_memory, resolve_device, resolve_precision
 from .history import History
+from .losses import accuracy, resolve_loss
 from .optim import ADAM_EPS
 from .schedules import Schedule, scale_lr
-from .trainer import Target, accuracy, mse_loss
+from .trainer import Target
 
 __all__ = ["MultiRun", "PER_RUN_OPTIONS", "MULTIRUN_OPTIMIZERS"]
 
@@ -181,8 +182,7 @@ class MultiRun:
         if precision == "fp16":
             raise ValueError("precision='fp16' needs a loss scaler per run, which MultiRun does not offer; "
                              "use precision='bf16' or 'fp32'")
-        loss_fn = {"cross_entropy": F.cross_entropy, "mse": mse_loss}.get(cfg.loss, cfg.loss) \
-            if isinstance(cfg.loss, str) else cfg.loss
+        loss_fn = resolve_loss(cfg.loss)
         metrics = dict(cfg.metrics) if cfg.metrics is not None else (
             {"accuracy": accuracy} if cfg.loss == "cross_entropy" else {})
         rng = torch.get_rng_state()   # building from a factory seeds the global generator: undone on an error

@@ -21,19 +21,20 @@ from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from .batching import DatasetBatches, LoaderBatches, TensorBatches, as_tensors
 from .config import TrainConfig, check_length
+from .data import load_dataset
 from .device import autocast_context, peak_memory_bytes, reset_peak_memory, resolve_device, resolve_precision
-from .diagnostics import OnlineNoiseScale, squared_grad_norm
 from .distributed import StopAgreed
 from .distributed import resolve as resolve_distributed
 from .history import History, RunLog
+from .losses import accuracy, mse_loss, resolve_loss  # accuracy, mse_loss: also importable from here
+from .noise import OnlineNoiseScale, squared_grad_norm
 from .norms import bn_layers, warn_accumulation_with_bn
 from .optim import ADAM_EPS, LAMB, LAMB_EPS, LARS, add_gradient_noise, gradient_noise_std, layerwise_groups
-from .memory import checkpointed
+from .recompute import checkpointed
 from .schedules import Schedule, scale_lr
 
 EVENTS = ("fit_start", "step_end", "eval_end", "fit_end")
@@ -50,23 +51,6 @@ class DivergenceError(RuntimeError):
     def __init__(self, message: str, *, step: int, lr: float, loss: float):
         super().__init__(message)
         self.step, self.lr, self.loss = step, lr, loss
-
-
-def accuracy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Fraction of rows whose largest output is the target class.
-
-    Example:
-        >>> accuracy(torch.tensor([[2.0, 1.0], [0.0, 3.0]]), torch.tensor([0, 0])).item()
-        0.5
-    """
-    return (output.argmax(dim=-1) == target).float().mean()
-
-
-def mse_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error; an ``(N, 1)`` output is compared with ``(N,)`` targets."""
-    if output.dim() == target.dim() + 1 and output.shape[-1] == 1:
-        output = output.squeeze(-1)
-    return F.mse_loss(output, target)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,7 +166,7 @@ class Trainer:
         if n_train is not None and cfg.batch_size > n_train:
             raise ValueError(f"batch_size={cfg.batch_size} is larger than the training set ({n_train} examples); "
                              f"use batch_size <= {n_train} (full-batch gradient descent is batch_size={n_train})")
-        loss_fn = _resolve_loss(cfg.loss)
+        loss_fn = resolve_loss(cfg.loss)
         metrics = dict(cfg.metrics) if cfg.metrics is not None else (
             {"accuracy": accuracy} if cfg.loss == "cross_entropy" else {})
         sample = train_xy if train_xy is not None else _first_batch(data)
@@ -1099,7 +1083,6 @@ class Trainer:
             if not isinstance(spec, Mapping) or not isinstance(spec.get("kwargs", {}), Mapping):
                 raise ValueError(f"{os.fspath(path)!r}: the checkpoint's data was not a built-in dataset: pass "
                                  f"data=... to Trainer.load")
-            from .data import load_dataset
             # A checkpoint names the data, not where it is kept: the dataset is read (or made) in
             # this user's cache, never in a directory the file names.
             kwargs = {k: v for k, v in (spec.get("kwargs") or {}).items() if k != "cache_dir"}
@@ -1280,14 +1263,6 @@ def _build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     if not isinstance(opt, torch.optim.Optimizer):
         raise TypeError(f"optimizer: the factory returned {type(opt).__name__}, not a torch.optim.Optimizer")
     return opt
-
-
-def _resolve_loss(loss) -> Callable:
-    if loss == "cross_entropy":
-        return F.cross_entropy
-    if loss == "mse":
-        return mse_loss
-    return loss
 
 
 def _split_data(data, eval_data):

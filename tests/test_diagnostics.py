@@ -20,9 +20,9 @@ import torch
 import torch.nn as nn
 
 from nbbatch import Trainer, data
-from nbbatch.diagnostics import (NoiseScaleEMA, OnlineNoiseScale, fit_critical_batch, gradient_noise_scale, lr_find,
-                                 noise_scale_two_batch, sweep,
-                                 smoothed_noise_scale, squared_grad_norm, two_batch_estimate)
+from nbbatch.diagnostics import (fit_critical_batch, gradient_noise_scale, lr_find, noise_scale_two_batch, smoothed_noise_scale,
+                                 sweep)
+from nbbatch.noise import NoiseScaleEMA, OnlineNoiseScale, squared_grad_norm, two_batch_estimate
 from helpers import make_mlp, same_weights
 
 D, SIGMA = 10, 1.0

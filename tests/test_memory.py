@@ -8,9 +8,10 @@ import torch.nn as nn
 
 from helpers import requires_cuda, same_weights, weights
 from nbbatch import TrainConfig, Trainer
-from nbbatch.memory import (Checkpointed, CheckpointedSequential, MemoryModel, account_step, checkpointed, compare, find_knee,
-                            find_max_batch_size, fit_step_time, measure, plan)
+from nbbatch.memory import (MemoryModel, account_step, compare, find_knee, find_max_batch_size, fit_step_time, measure,
+                            plan)
 from nbbatch.models import MLP
+from nbbatch.recompute import Checkpointed, CheckpointedSequential, checkpointed
 
 F32, I64 = 4, 8
 

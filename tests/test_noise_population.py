@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from helpers import PairDataset
 from nbbatch import Trainer
-from nbbatch.diagnostics import (OnlineNoiseScale, gradient_noise_scale, noise_scale_two_batch, sampling_factor,
-                                 two_batch_estimate)
+from nbbatch.diagnostics import gradient_noise_scale, noise_scale_two_batch
+from nbbatch.noise import OnlineNoiseScale, sampling_factor, two_batch_estimate
 from nbbatch.distributed import launch
 
 Z = 4.0          # the band: this many standard errors of the mean

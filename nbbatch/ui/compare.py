@@ -9,6 +9,9 @@ from typing import Any, Mapping, Sequence
 import ipywidgets as widgets
 
 from ..config import check_length
+from ..data import mnist1d
+from ..models import make_model
+from ..trainer import Trainer
 from .controller import INTERLEAVE, RunController
 from .plots import LiveFigure, Refresher, snapshot
 
@@ -28,9 +31,6 @@ def build_trainer(data, *, seed: int = 0, model: str = "mlp", norm: str = "none"
         0.1
     """
     import torch
-
-    from ..models import make_model
-    from ..trainer import Trainer
 
     if warmup_steps:
         options.setdefault("warmup", "linear")
@@ -85,7 +85,6 @@ class RunComparison:
             raise TypeError(f"headless must be True or False, got {headless!r}")
         trainers = []
         if any(isinstance(c, Mapping) for c in configs) and data is None:
-            from ..data import mnist1d
             data = mnist1d()
         for i, c in enumerate(configs):
             if isinstance(c, Mapping):

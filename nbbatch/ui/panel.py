@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping
 
 import ipywidgets as widgets
 
+from .. import data as data_mod
 from ..config import OPTIMIZERS, TrainConfig
 from ..device import PRECISIONS, describe_device, process_peak_rss_bytes
 from ..models import MODELS, NORMS
@@ -80,8 +81,6 @@ def default_builder(data=None, seed: int = 0, device: str = "auto", log_dir: str
     def build(model="mlp", norm="none", batch_size=64, lr=0.05, warmup_steps=0, optimizer="momentum",
               accumulate=1, precision="auto"):
         if "data" not in cache:
-            from .. import data as data_mod
-
             cache["data"] = data if data is not None else data_mod.mnist1d()
         extra = dict(options)
         if log_dir is not None:
