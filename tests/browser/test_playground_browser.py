@@ -135,12 +135,17 @@ def test_playground_in_a_real_browser(tmp_path):
             page.locator(".jp-Notebook .jp-Cell").first.wait_for()
             # the kernel has started when the status bar says it is idle
             page.get_by_text(re.compile(r"\|\s*Idle")).first.wait_for(timeout=STEP_TIMEOUT_MS)
-            # run the cells up to the live panel: title, imports, text, panel
+            # run the cells from the top until the live panel shows (title, seed, imports, text, panel)
             page.locator(".jp-Notebook .jp-Cell").first.click()
             page.keyboard.press("Escape")
-            for _ in range(4):
-                page.keyboard.press("Shift+Enter")
             train = page.locator(".nbbatch-train").first
+            for _ in range(8):
+                page.keyboard.press("Shift+Enter")
+                try:
+                    train.wait_for(state="visible", timeout=10_000)   # queued cells run in order
+                    break
+                except playwright_sync.TimeoutError:
+                    pass
             train.wait_for(state="visible", timeout=STEP_TIMEOUT_MS)
             epochs = page.locator(".nbbatch-epochs input").first
             epochs.fill("5000")                      # long enough that only Stop ends it
