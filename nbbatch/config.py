@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Union
 
+from .checks import is_int
 from .device import PRECISIONS
 from .losses import LOSSES
 from .schedules import DECAYS, SCALE_RULES, WARMUPS
@@ -20,10 +21,6 @@ from .schedules import DECAYS, SCALE_RULES, WARMUPS
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "lars", "lamb")
 
 OptimizerSpec = Union[str, Callable[..., Any]]
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_length(epochs: float | None, steps: int | None) -> None:
@@ -210,7 +207,7 @@ class TrainConfig:
             raise ValueError(f"clip_grad_norm must be a number > 0 or None, got {self.clip_grad_norm!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r} is not known; use one of {PRECISIONS}")
-        if self.seed is not None and not _is_int(self.seed):
+        if self.seed is not None and not is_int(self.seed):
             raise TypeError(f"seed must be an int or None, got {type(self.seed).__name__} {self.seed!r}")
         if not isinstance(self.drop_last, bool):
             raise TypeError(f"drop_last must be True or False, got {self.drop_last!r}")
@@ -240,19 +237,19 @@ class TrainConfig:
                                  f"one and needs batch_size >= 2, got batch_size={self.batch_size}")
         if not _is_number(self.noise_scale_smoothing) or not 0.0 <= self.noise_scale_smoothing < 1.0:
             raise ValueError(f"noise_scale_smoothing must lie in [0, 1), got {self.noise_scale_smoothing!r}")
-        if not _is_int(self.checkpoint_segments) or self.checkpoint_segments < 0 or self.checkpoint_segments == 1:
+        if not is_int(self.checkpoint_segments) or self.checkpoint_segments < 0 or self.checkpoint_segments == 1:
             raise ValueError(f"checkpoint_segments must be 0 (off) or an int >= 2, got {self.checkpoint_segments!r}")
 
     def _check_positive_int(self, name: str) -> None:
         value = getattr(self, name)
-        if not _is_int(value) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
 
     def _check_length_pair(self, steps_name: str, epochs_name: str) -> None:
         steps, epochs = getattr(self, steps_name), getattr(self, epochs_name)
         if steps is not None and epochs is not None:
             raise ValueError(f"give {steps_name} or {epochs_name}, not both")
-        if steps is not None and (not _is_int(steps) or steps < 0):
+        if steps is not None and (not is_int(steps) or steps < 0):
             raise ValueError(f"{steps_name} must be an int >= 0, got {steps!r}")
         if epochs is not None and (not _is_number(epochs) or not math.isfinite(epochs) or epochs < 0):
             raise ValueError(f"{epochs_name} must be a number >= 0, got {epochs!r}")

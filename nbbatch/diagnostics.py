@@ -43,6 +43,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from .checks import check_positive_int, is_int
 from .batching import as_tensors
 from .config import TrainConfig
 from .losses import resolve_loss
@@ -60,16 +61,6 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------- input checks
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_positive_int(name: str, value) -> int:
-    if not _is_int(value) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 def _check_smoothing(value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
         raise ValueError(f"smoothing must be a number in [0, 1) (the EMA's weight on the past), got {value!r}")
@@ -138,15 +129,15 @@ def gradient_noise_scale(model: nn.Module, data, *, loss="cross_entropy", sample
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     x, y = _train_tensors(data)
     loss_fn = resolve_loss(loss)
-    chunk_size = _check_positive_int("chunk_size", chunk_size)
+    chunk_size = check_positive_int("chunk_size", chunk_size)
     n_all = len(x)
     if sample is not None:
-        _check_positive_int("sample", sample)
+        check_positive_int("sample", sample)
         if sample < 2 or sample > n_all:
             raise ValueError(f"sample={sample} must lie in [2, {n_all}] (the examples in data)")
     elif n_all < 2:
         raise ValueError("data needs at least 2 examples to measure a gradient covariance")
-    if not _is_int(seed):
+    if not is_int(seed):
         raise TypeError(f"seed must be an int, got {seed!r}")
     device = _device_of(model)
     if sample is not None and sample < n_all:
@@ -221,7 +212,7 @@ def noise_scale_two_batch(model: nn.Module, data, b_small: int, b_big: int, *, d
     two_batch_estimate(0.0, 0.0, b_small, b_big)      # checks the batch sizes
     if b_big > len(x):
         raise ValueError(f"b_big={b_big} is larger than the data ({len(x)} examples); use b_big <= {len(x)}")
-    draws = _check_positive_int("draws", draws)
+    draws = check_positive_int("draws", draws)
     loss_fn = resolve_loss(loss)
     ema = NoiseScaleEMA(0.0 if smoothing is None else smoothing)
     device = _device_of(model)
@@ -580,7 +571,7 @@ def sweep(model_fn: Callable[[], nn.Module], data, batch_sizes: Sequence[int], *
     if not batch_sizes:
         raise ValueError("batch_sizes is empty: give at least one batch size")
     for b in batch_sizes:
-        if not _is_int(b) or b < 1:
+        if not is_int(b) or b < 1:
             raise ValueError(f"batch_sizes must hold positive ints, got {b!r}")
         if b > len(x):
             raise ValueError(f"batch_sizes: {b} is larger than the training set ({len(x)} examples)")
@@ -598,11 +589,11 @@ def sweep(model_fn: Callable[[], nn.Module], data, batch_sizes: Sequence[int], *
         factors = _check_lrs("lr_factors", lr_factors)
         if scale_rule not in SCALE_RULES:
             raise ValueError(f"scale_rule={scale_rule!r} is not known; use one of {SCALE_RULES}")
-        base = batch_sizes[0] if base_batch_size is None else _check_positive_int("base_batch_size", base_batch_size)
+        base = batch_sizes[0] if base_batch_size is None else check_positive_int("base_batch_size", base_batch_size)
         lr_table = {b: [scale_lr(float(lr), b, base, scale_rule) * f for f in factors] for b in batch_sizes}
-    max_steps = _check_positive_int("max_steps", max_steps)
+    max_steps = check_positive_int("max_steps", max_steps)
     if max_examples is not None:
-        _check_positive_int("max_examples", max_examples)
+        check_positive_int("max_examples", max_examples)
     budget = {b: max_steps if max_examples is None else min(max_steps, -(-max_examples // b)) for b in batch_sizes}
     if isinstance(check_growth, bool) or not isinstance(check_growth, (int, float)) or not check_growth > 1.0:
         raise ValueError(f"check_growth must be a number > 1, got {check_growth!r}")
@@ -610,7 +601,7 @@ def sweep(model_fn: Callable[[], nn.Module], data, batch_sizes: Sequence[int], *
         if name in train_options:
             raise ValueError(f"{name}= is set by the sweep itself; remove it from the options")
     if seeds is None:
-        if not _is_int(seed):
+        if not is_int(seed):
             raise TypeError(f"seed must be an int, got {seed!r}")
         seed_list = [seed]
     else:
@@ -620,7 +611,7 @@ def sweep(model_fn: Callable[[], nn.Module], data, batch_sizes: Sequence[int], *
             seed_list = list(seeds)
         except TypeError:
             raise TypeError(f"seeds must be a sequence of ints, got {seeds!r}") from None
-        if not seed_list or not all(_is_int(v) for v in seed_list):
+        if not seed_list or not all(is_int(v) for v in seed_list):
             raise ValueError(f"seeds must hold at least one int, got {seeds!r}")
         if len(set(seed_list)) != len(seed_list):
             raise ValueError(f"seeds holds duplicates: {seed_list}")
@@ -869,7 +860,7 @@ def lr_find(trainer, *, start_lr: float = 1e-4, end_lr: float = 10.0, steps: int
             raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     if end_lr <= start_lr:
         raise ValueError(f"end_lr={end_lr} must be larger than start_lr={start_lr}")
-    if not _is_int(steps) or steps < 2:
+    if not is_int(steps) or steps < 2:
         raise ValueError(f"steps must be an int >= 2, got {steps!r}")
     smoothing = _check_smoothing(smoothing)
     if isinstance(diverge, bool) or not isinstance(diverge, (int, float)) or not diverge > 1:

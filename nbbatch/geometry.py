@@ -27,6 +27,8 @@ import math
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
+
+from .checks import check_positive_int
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -59,12 +61,6 @@ def _check_model(model) -> list[torch.Tensor]:
     if not params:
         raise ValueError("model has no trainable parameters")
     return params
-
-
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def _check_positive(name: str, value) -> float:
@@ -221,9 +217,9 @@ def hessian_top_eigenvalue(model: nn.Module, data, loss_fn: Callable = F.cross_e
     """
     params = _check_model(model)
     x, y = _as_xy(data)
-    _check_positive_int("iters", iters)
+    check_positive_int("iters", iters)
     _check_positive("tol", tol)
-    _check_positive_int("batch_size", batch_size)
+    check_positive_int("batch_size", batch_size)
     if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 0:
         raise ValueError(f"restarts must be an int >= 0, got {restarts!r}")
     device = _device(params)
@@ -315,9 +311,9 @@ def sharpness(model: nn.Module, data, loss_fn: Callable = F.cross_entropy, *, ep
     params = _check_model(model)
     x, y = _as_xy(data)
     _check_positive("eps", eps)
-    _check_positive_int("steps", steps)
+    check_positive_int("steps", steps)
     alpha = 2.5 / steps if step_size is None else _check_positive("step_size", step_size)
-    _check_positive_int("batch_size", batch_size)
+    check_positive_int("batch_size", batch_size)
     device = _device(params)
     original = [p.detach().clone() for p in params]
     radius = [eps * (w.abs() + 1.0) for w in original]
@@ -400,7 +396,7 @@ def interpolate(model: nn.Module, w1, w2, data, eval_data=None, *, alphas: Seque
     alphas = [float(a) for a in (torch.linspace(-1.0, 2.0, 31).tolist() if alphas is None else alphas)]
     if not alphas or not all(math.isfinite(a) for a in alphas):
         raise ValueError(f"alphas must be a non-empty sequence of finite numbers, got {alphas!r}")
-    _check_positive_int("batch_size", batch_size)
+    check_positive_int("batch_size", batch_size)
     if metrics is None:
         metrics = {"accuracy": _accuracy} if loss_fn is F.cross_entropy else {}
     s1, s2 = _state_of(w1, "w1"), _state_of(w2, "w2")
@@ -481,7 +477,7 @@ class DistanceFromInit:
     """
 
     def __init__(self, trainer, every: int = 1, init=None):
-        _check_positive_int("every", every)
+        check_positive_int("every", every)
         if not hasattr(trainer, "add_callback") or not isinstance(getattr(trainer, "model", None), nn.Module):
             raise TypeError(f"trainer must be an nbbatch Trainer, got {type(trainer).__name__}")
         if init is None:

@@ -43,6 +43,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
+from .checks import is_int
 from .batching import as_tensors
 from .config import TrainConfig
 from .device import describe_device, process_peak_rss_bytes, resolve_device, resolve_precision
@@ -74,16 +75,12 @@ ROUNDINGS = (None, 8, "pow2")
 
 
 # ====================================================================== checks
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _check_batch_sizes(batch_sizes) -> list[int]:
     if isinstance(batch_sizes, (str, bytes)) or not isinstance(batch_sizes, Sequence):
         raise TypeError(f"batch_sizes must be a list of positive ints, got {batch_sizes!r}")
     if len(batch_sizes) == 0:
         raise ValueError("batch_sizes is empty; give at least one batch size, e.g. [32, 64, 128]")
-    bad = [b for b in batch_sizes if not _is_int(b) or b < 1]
+    bad = [b for b in batch_sizes if not is_int(b) or b < 1]
     if bad:
         raise ValueError(f"batch_sizes must be positive ints, got {list(batch_sizes)!r} (bad: {bad!r})")
     return sorted(set(int(b) for b in batch_sizes))
@@ -502,7 +499,7 @@ def measure(model: nn.Module, data, batch_sizes: Sequence[int], config=None, *, 
     sizes = _check_batch_sizes(batch_sizes)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not _is_int(steps) or steps < 0:
+    if not is_int(steps) or steps < 0:
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
     x, y = _sample_of(data)
     configs = [_make_config(config, options, b) for b in sizes]   # every config checked before running any
@@ -701,11 +698,11 @@ def _find_max_batch_size(target, data, *, budget, margin, start, limit, round_to
                          **options) -> FinderResult:
     if not isinstance(margin, (int, float)) or isinstance(margin, bool) or not 0 <= margin < 1:
         raise ValueError(f"margin must lie in [0, 1), got {margin!r}")
-    if not _is_int(start) or start < 1:
+    if not is_int(start) or start < 1:
         raise ValueError(f"start must be a positive int, got {start!r}")
-    if not _is_int(limit) or limit < start:
+    if not is_int(limit) or limit < start:
         raise ValueError(f"limit must be an int >= start={start}, got {limit!r}")
-    if not _is_int(steps) or steps < 1:
+    if not is_int(steps) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     _check_round_to(round_to)
     if strategy not in ("bisect", "model"):
@@ -1111,16 +1108,16 @@ def plan(target_batch: int, budget=None, *, memory: MemoryModel | MemoryReport |
         >>> p.micro_batch, p.accumulate, round(p.lr, 3), p.warmup_epochs
         (94, 11, 0.4, 5.0)
     """
-    if not _is_int(target_batch) or target_batch < 1:
+    if not is_int(target_batch) or target_batch < 1:
         raise ValueError(f"target_batch must be a positive int, got {target_batch!r}")
-    if not _is_int(world_size) or world_size < 1:
+    if not is_int(world_size) or world_size < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
     if target_batch % world_size:
         raise ValueError(f"target_batch={target_batch} does not divide among world_size={world_size} devices")
     if rule not in SCALE_RULES:
         raise ValueError(f"rule={rule!r} is not known; use one of {SCALE_RULES}")
     base_batch = target_batch if base_batch is None else base_batch
-    if not _is_int(base_batch) or base_batch < 1:
+    if not is_int(base_batch) or base_batch < 1:
         raise ValueError(f"base_batch must be a positive int, got {base_batch!r}")
     if isinstance(base_lr, bool) or not isinstance(base_lr, (int, float)) or not math.isfinite(base_lr) or base_lr < 0:
         raise ValueError(f"base_lr must be a finite number >= 0, got {base_lr!r}")
@@ -1141,7 +1138,7 @@ def plan(target_batch: int, budget=None, *, memory: MemoryModel | MemoryReport |
     elif memory is not None:
         raise ValueError("memory: give budget=... (bytes per device) with the memory model")
     if max_micro_batch is not None:
-        if not _is_int(max_micro_batch) or max_micro_batch < 1:
+        if not is_int(max_micro_batch) or max_micro_batch < 1:
             raise ValueError(f"max_micro_batch must be a positive int, got {max_micro_batch!r}")
         cap = min(cap, max_micro_batch)
     accumulate = math.ceil(per_device / cap)

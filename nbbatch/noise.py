@@ -20,18 +20,10 @@ from typing import Sequence
 
 import torch
 
+from .checks import check_positive_int, is_int
+
 __all__ = ["NoiseScale", "sampling_factor", "two_batch_estimate", "NoiseScaleEMA", "OnlineNoiseScale",
            "squared_grad_norm"]
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_positive_int(name: str, value) -> int:
-    if not _is_int(value) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def _check_smoothing(value) -> float:
@@ -74,8 +66,8 @@ def sampling_factor(batch: int, population: int | None = None) -> float:
         >>> sampling_factor(8), sampling_factor(8, 48), sampling_factor(48, 48)
         (0.125, 0.10416666666666667, 0.0)
     """
-    _check_positive_int("batch", batch)
-    if population is not None and (not _is_int(population) or population < batch):
+    check_positive_int("batch", batch)
+    if population is not None and (not is_int(population) or population < batch):
         raise ValueError(f"population must be an int >= batch={batch} or None, got {population!r}")
     return 1.0 / batch - (0.0 if population is None else 1.0 / population)
 
@@ -112,13 +104,13 @@ def two_batch_estimate(sq_small, sq_big, b_small: int, b_big: int, population: i
         [1.0, 20.0]
     """
     for name, value in (("b_small", b_small), ("b_big", b_big)):
-        if not _is_int(value) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if b_small == b_big:
         raise ValueError(f"b_small and b_big are equal ({b_small}); the estimator needs two different batch sizes")
     if b_small > b_big:
         raise ValueError(f"b_small={b_small} is larger than b_big={b_big}; pass the smaller batch size first")
-    if population is not None and (not _is_int(population) or population < b_big):
+    if population is not None and (not is_int(population) or population < b_big):
         raise ValueError(f"population must be an int >= b_big={b_big} (the examples the batches are drawn "
                          f"from) or None, got {population!r}")
     c_small, c_big = sampling_factor(b_small, population), sampling_factor(b_big, population)
@@ -210,10 +202,10 @@ class OnlineNoiseScale:
     EMPTY = {"noise_grad_sq": None, "noise_trace": None, "b_simple": None}
 
     def __init__(self, every: int, smoothing: float = 0.9, population: int | None = None):
-        self.every = _check_positive_int("noise_scale_every", every)
+        self.every = check_positive_int("noise_scale_every", every)
         self.ema = NoiseScaleEMA(smoothing)
         if population is not None:
-            _check_positive_int("population", population)
+            check_positive_int("population", population)
         self.population = population
 
     def due(self, step: int) -> bool:

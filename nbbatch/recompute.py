@@ -23,16 +23,14 @@ import contextlib
 import threading
 
 import torch
+
+from .checks import is_int
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 __all__ = ["Checkpointed", "CheckpointedSequential", "SavedCounter", "checkpointed", "storage_key"]
 
 _ACTIVE = threading.local()   # the counter of the accounted step running in this thread, if any
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 # ====================================================================== saved-tensor counting
@@ -256,7 +254,7 @@ def _run_once_updating(module: nn.Module):
 
 def _check_checkpointable(model: nn.Module, segments) -> None:
     """Raise a clear error unless ``model`` can be checkpointed in ``segments`` chunks."""
-    if not _is_int(segments) or segments < 2:
+    if not is_int(segments) or segments < 2:
         raise ValueError(f"checkpoint_segments must be an int >= 2 (or 0 for no checkpointing), got {segments!r}")
     if not isinstance(model, nn.Sequential):
         raise TypeError(f"checkpoint_segments needs an nn.Sequential model (its layers are split into chunks), "
