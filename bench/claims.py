@@ -189,7 +189,12 @@ def run_one(path: Path, seed: int, setting: str, timeout: int = 900) -> dict:
                 errors.append(f"cell {i}: {out.ename}: {out.evalue}"[:300])
     for out in nb.cells[-1].get("outputs", []):
         if out.output_type == "stream" and out.name == "stdout":
-            claims = json.loads(out.text)
+            # the claims are one JSON line; anything else a background thread printed is kept as an error
+            for line in out.text.splitlines():
+                if line.startswith("{"):
+                    claims = json.loads(line)
+                elif line.strip():
+                    errors.append(f"last cell printed: {line}"[:300])
     return {"notebook": path.name, "seed": seed, "setting": setting, "seconds": round(seconds, 1),
             "errors": errors, "claims": claims}
 
