@@ -160,3 +160,29 @@ def as_tensors(data) -> tuple[torch.Tensor, torch.Tensor] | None:
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
         return data[0], data[1]
     return None
+
+
+def train_tensors(data, name: str = "data") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)`` from a DataBundle (its training split), a pair of tensors or a TensorDataset.
+
+    Raises a TypeError naming ``name`` for anything else, and a ValueError when the inputs and
+    labels differ in length or there are none.
+
+    Example:
+        >>> x, y = train_tensors((torch.zeros(3, 2), torch.zeros(3)))
+        >>> tuple(x.shape), tuple(y.shape)
+        ((3, 2), (3,))
+    """
+    if hasattr(data, "x_train") and hasattr(data, "y_train"):
+        x, y = data.x_train, data.y_train
+    else:
+        xy = as_tensors(data)
+        if xy is None:
+            raise TypeError(f"{name} must be a DataBundle, a pair (x, y) of tensors or a TensorDataset, "
+                            f"got {type(data).__name__}")
+        x, y = xy
+    if len(x) != len(y):
+        raise ValueError(f"{name}: {len(x)} inputs but {len(y)} labels")
+    if len(x) == 0:
+        raise ValueError(f"{name} is empty")
+    return x, y

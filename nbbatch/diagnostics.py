@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 
 from .checks import check_positive_int, is_int
-from .batching import as_tensors
+from .batching import train_tensors
 from .config import TrainConfig
 from .losses import resolve_loss
 # the estimator core lives below the Trainer (nbbatch.noise); its names are importable from here too
@@ -65,23 +65,6 @@ def _check_smoothing(value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
         raise ValueError(f"smoothing must be a number in [0, 1) (the EMA's weight on the past), got {value!r}")
     return float(value)
-
-
-def _train_tensors(data, name: str = "data") -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, y) from a DataBundle (its training split), a pair of tensors or a TensorDataset."""
-    if hasattr(data, "x_train") and hasattr(data, "y_train"):
-        x, y = data.x_train, data.y_train
-    else:
-        xy = as_tensors(data)
-        if xy is None:
-            raise TypeError(f"{name} must be a DataBundle, a pair (x, y) of tensors or a TensorDataset, "
-                            f"got {type(data).__name__}")
-        x, y = xy
-    if len(x) != len(y):
-        raise ValueError(f"{name}: {len(x)} inputs but {len(y)} labels")
-    if len(x) == 0:
-        raise ValueError(f"{name} is empty")
-    return x, y
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -127,7 +110,7 @@ def gradient_noise_scale(model: nn.Module, data, *, loss="cross_entropy", sample
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    x, y = _train_tensors(data)
+    x, y = train_tensors(data)
     loss_fn = resolve_loss(loss)
     chunk_size = check_positive_int("chunk_size", chunk_size)
     n_all = len(x)
@@ -208,7 +191,7 @@ def noise_scale_two_batch(model: nn.Module, data, b_small: int, b_big: int, *, d
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    x, y = _train_tensors(data)
+    x, y = train_tensors(data)
     two_batch_estimate(0.0, 0.0, b_small, b_big)      # checks the batch sizes
     if b_big > len(x):
         raise ValueError(f"b_big={b_big} is larger than the data ({len(x)} examples); use b_big <= {len(x)}")
@@ -563,7 +546,7 @@ def sweep(model_fn: Callable[[], nn.Module], data, batch_sizes: Sequence[int], *
     # ---- validate everything first ------------------------------------------------------------
     if not callable(model_fn):
         raise TypeError(f"model_fn must be a callable returning a fresh model, got {type(model_fn).__name__}")
-    x, y = _train_tensors(data)
+    x, y = train_tensors(data)
     try:
         batch_sizes = list(batch_sizes)
     except TypeError:
@@ -629,7 +612,7 @@ def sweep(model_fn: Callable[[], nn.Module], data, batch_sizes: Sequence[int], *
             raise ValueError(f"eval_data={eval_data!r}: use None (training set), 'test' with a DataBundle, or (x, y)")
         eval_xy = (data.x_test, data.y_test)
     else:
-        eval_xy = _train_tensors(eval_data, "eval_data")
+        eval_xy = train_tensors(eval_data, "eval_data")
     checks = {b: set(_check_steps(budget[b], float(check_growth))) for b in batch_sizes}
 
     runs = []

@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
-from .batching import as_tensors, epoch_permutation, num_batches
+from .batching import as_tensors, epoch_permutation, num_batches, train_tensors
 from .config import TrainConfig, check_length
 from .device import autocast_context, peak_memory_bytes, reset_peak_memory, resolve_device, resolve_precision
 from .history import History
@@ -156,19 +156,9 @@ class MultiRun:
         if not isinstance(cfg.optimizer, str) or cfg.optimizer not in MULTIRUN_OPTIMIZERS:
             raise ValueError(f"optimizer={cfg.optimizer!r}: MultiRun offers {MULTIRUN_OPTIMIZERS}; "
                              f"use Trainer for the others")
-        xy = as_tensors(data)
-        if hasattr(data, "x_train") and hasattr(data, "y_train"):
-            xy = (data.x_train, data.y_train)
-            if eval_data is None and getattr(data, "x_test", None) is not None and len(data.x_test):
-                eval_data = (data.x_test, data.y_test)
-        if xy is None:
-            raise TypeError(f"data must be a DataBundle, a pair (x, y) of tensors or a TensorDataset, "
-                            f"got {type(data).__name__}")
-        x, y = xy
-        if len(x) != len(y):
-            raise ValueError(f"data: {len(x)} inputs but {len(y)} labels")
-        if len(x) == 0:
-            raise ValueError("data: the training set is empty")
+        x, y = train_tensors(data)
+        if eval_data is None and getattr(data, "x_test", None) is not None and len(data.x_test):
+            eval_data = (data.x_test, data.y_test)   # a DataBundle's test split
         if cfg.batch_size > len(x):
             raise ValueError(f"batch_size={cfg.batch_size} is larger than the training set ({len(x)} examples)")
         if eval_data is not None:
