@@ -40,7 +40,7 @@ def test_notebooks_are_numbered_and_executed():
     notebooks = sorted((ROOT / "notebooks").glob("*.ipynb"))
     assert notebooks, "the series has notebooks"
     for nb_path in notebooks:
-        assert re.fullmatch(r"\d\d_[a-z0-9_]+\.ipynb", nb_path.name), nb_path.name
+        assert re.fullmatch(r"\d\d[a-z]?_[a-z0-9_]+\.ipynb", nb_path.name), nb_path.name
         nb = json.loads(nb_path.read_text())
         code = [c for c in nb["cells"] if c["cell_type"] == "code" and "".join(c["source"]).strip()]
         assert all(c.get("execution_count") for c in code), f"{nb_path.name} has unexecuted cells"
