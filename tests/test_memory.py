@@ -455,7 +455,13 @@ def test_finder_and_measure_take_datasets_and_loaders():
 
     for source in (ds, DataLoader(ds, batch_size=16), Pairs()):
         assert find_max_batch_size(model, source, budget=300_000, margin=0).batch_size == ref
-    t = Trainer(copy.deepcopy(model), DataLoader(ds, batch_size=16))
+    for source in (DataLoader(ds, batch_size=16), Pairs()):   # a trainer holding no tensors: its data is sampled
+        t = Trainer(copy.deepcopy(model), source, batch_size=16)
+        assert t.training_tensors() is None and t.training_data is source
+        assert find_max_batch_size(t, budget=300_000, margin=0).batch_size == ref
+    t = Trainer(copy.deepcopy(model), ds, batch_size=16)
+    held = t.training_tensors()
+    assert torch.equal(held[0], x) and torch.equal(held[1], y)
     assert find_max_batch_size(t, budget=300_000, margin=0).batch_size == ref
     assert measure(model, Pairs(), [8], steps=0).rows[0]["total"] == accounted_total(model, x, y, 8)
 

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from ..checks import is_int
 from ..device import describe_device, process_peak_rss_bytes, resolve_device, resolve_precision
-from . import trials
+from . import trials   # called through the module: a test can stand in for a trial in one place
 from .model import MemoryModel, check_batch_sizes, mib
 from .throughput import find_knee, fit_step_time
 
