@@ -289,6 +289,37 @@ class Trainer:
     def steps_per_epoch(self) -> int:
         return self._train.steps_per_epoch
 
+    def training_tensors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The training set's ``(x, y)`` tensors when the trainer holds them in memory, else None.
+
+        The tensors are the trainer's own (on the training device unless ``data_on_device=False``),
+        not copies: read them, do not change them. A trainer reading a ``Dataset`` or a
+        ``DataLoader`` holds no such tensors (see :attr:`training_data`).
+
+        Example:
+            >>> import torch
+            >>> x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
+            >>> t = Trainer(torch.nn.Linear(4, 2), (x, y), batch_size=8)
+            >>> tx, ty = t.training_tensors()
+            >>> bool(torch.equal(tx, x)), bool(torch.equal(ty, y))
+            (True, True)
+        """
+        return self._train.whole() if self._train.kind == "tensors" else None
+
+    @property
+    def training_data(self):
+        """What the trainer trains on: the ``(x, y)`` tensors, the ``Dataset`` or the ``DataLoader``.
+
+        Example:
+            >>> import torch
+            >>> from torch.utils.data import DataLoader, TensorDataset
+            >>> loader = DataLoader(TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,))), batch_size=8)
+            >>> t = Trainer(torch.nn.Linear(4, 2), loader)
+            >>> t.training_data is loader, t.training_tensors() is None
+            (True, True)
+        """
+        return self._train.whole()
+
     @property
     def lr(self) -> float:
         """The learning rate of the next step."""
@@ -1105,7 +1136,7 @@ class Trainer:
         Example:
             >>> import torch
             >>> from nbbatch.memory import plan
-            >>> p = plan(64, max_micro_batch=16, base_lr=0.1, base_batch=32)
+            >>> p = plan(64, max_micro_batch=16, lr=0.1, base_batch_size=32)
             >>> x, y = torch.randn(128, 8), torch.randint(0, 3, (128,))
             >>> t = Trainer.from_plan(torch.nn.Linear(8, 3), (x, y), p, optimizer="momentum")
             >>> t.config.batch_size, t.config.accumulate, t.peak_lr
@@ -1121,7 +1152,7 @@ class Trainer:
         cfg = plan.to_config(config, **options)
         if "batch_size" not in options:
             # The plan's config holds one device's batch; a data-parallel Trainer's batch_size is the global one.
-            cfg = cfg.replace(batch_size=plan.target_batch)
+            cfg = cfg.replace(batch_size=plan.batch_size)
         return cls(model, data, cfg, eval_data=eval_data, distributed=distributed)
 
     def __repr__(self) -> str:

@@ -8,8 +8,8 @@ import torch.nn as nn
 
 from helpers import requires_cuda, same_weights, weights
 from nbbatch import TrainConfig, Trainer
-from nbbatch.memory import (MemoryModel, account_step, compare, find_knee, find_max_batch_size, fit_step_time, measure,
-                            plan)
+from nbbatch.memory import (MemoryModel, account_step, compare_configs, find_knee, find_max_batch_size, fit_step_time,
+                            measure, plan)
 from nbbatch.models import MLP
 from nbbatch.recompute import Checkpointed, CheckpointedSequential, checkpointed
 
@@ -312,9 +312,9 @@ def test_reports_and_models_draw_their_figures():
     assert "measured" in labels and any(lbl.startswith("predicted limit") for lbl in labels)
     axes = report.plot_throughput()
     assert axes[0].get_xlabel() == "batch size" and len(axes[1].lines) >= 2
-    c = compare(MLP(40, (16,), 10), (x, y), {"a": {}, "b": {"accumulate": 2}}, 32, steps=1)
+    c = compare_configs(MLP(40, (16,), 10), (x, y), {"a": {}, "b": {"accumulate": 2}}, 32, steps=1)
     assert len(c.plot()[0].patches) == 2
-    assert "MemoryReport" in repr(report) and "Comparison" in repr(c)
+    assert "MemoryReport" in repr(report) and "ConfigComparison" in repr(c)
     plt.close("all")
 
 
@@ -383,21 +383,21 @@ def test_model_guided_search_needs_few_trials_and_recovers_from_a_wrong_line(mon
     assert len(exact.trials) == 4 < len(bisect.trials)
     # A memory that bends upward (as allocator rounding can) or flattens: the prediction from the
     # two small trials is off, and the gallop + bisection still ends at the true limit.
-    import nbbatch.memory as mem
-    real = mem._trial
+    from nbbatch.memory import trials
+    real = trials.run_trial
     for bend in (lambda b: 0.1 * b * b, lambda b: -0.4 * b * min(b, 2000) / 2000 * 168):
         def bent(model, x, y, cfg, _bend=bend, **kw):
             row = real(model, x, y, cfg, **kw)
             row["total"] += int(_bend(cfg.batch_size))
             return row
-        monkeypatch.setattr(mem, "_trial", bent)
+        monkeypatch.setattr(trials, "run_trial", bent)
         guided = find_max_batch_size(model, (x, y), budget=300_000, margin=0, strategy="model")
         plain = find_max_batch_size(model, (x, y), budget=300_000, margin=0)
         assert guided.batch_size == plain.batch_size
         fits = {t["batch_size"]: t["fits"] for t in plain.trials + guided.trials}
         assert fits[guided.batch_size] is True and fits[guided.batch_size + 1] is False
         assert len(guided.trials) < len(plain.trials)
-        monkeypatch.setattr(mem, "_trial", real)
+        monkeypatch.setattr(trials, "run_trial", real)
 
 
 def test_finder_margin_and_rounding():
@@ -455,7 +455,13 @@ def test_finder_and_measure_take_datasets_and_loaders():
 
     for source in (ds, DataLoader(ds, batch_size=16), Pairs()):
         assert find_max_batch_size(model, source, budget=300_000, margin=0).batch_size == ref
-    t = Trainer(copy.deepcopy(model), DataLoader(ds, batch_size=16))
+    for source in (DataLoader(ds, batch_size=16), Pairs()):   # a trainer holding no tensors: its data is sampled
+        t = Trainer(copy.deepcopy(model), source, batch_size=16)
+        assert t.training_tensors() is None and t.training_data is source
+        assert find_max_batch_size(t, budget=300_000, margin=0).batch_size == ref
+    t = Trainer(copy.deepcopy(model), ds, batch_size=16)
+    held = t.training_tensors()
+    assert torch.equal(held[0], x) and torch.equal(held[1], y)
     assert find_max_batch_size(t, budget=300_000, margin=0).batch_size == ref
     assert measure(model, Pairs(), [8], steps=0).rows[0]["total"] == accounted_total(model, x, y, 8)
 
@@ -486,23 +492,23 @@ def _oom_above(real, threshold, held):
 
 
 def test_out_of_memory_is_a_failed_trial_and_its_frames_are_released(toy, monkeypatch):
-    import nbbatch.memory as mem
+    from nbbatch.memory import trials
     x, y = toy
     t = Trainer(MLP(8, (16,), 3), (x, y), batch_size=32, optimizer="adam", seed=0)
     t.fit(steps=2)
     before = copy.deepcopy(t.state_dict())
     held = []
-    monkeypatch.setattr(mem, "_trial", _oom_above(mem._trial, 300, held))
+    monkeypatch.setattr(trials, "run_trial", _oom_above(trials.run_trial, 300, held))
     # what is still alive right after the release, while the error (and its traceback) still
     # exists: the release must free the step's tensors then, before the cache is emptied
     alive_after_release = []
-    real_release = mem._release_after_oom
+    real_release = trials.release_after_oom
 
     def release(err, device):
         real_release(err, device)
         alive_after_release.append(sum(ref() is not None for ref in held))
 
-    monkeypatch.setattr(mem, "_release_after_oom", release)
+    monkeypatch.setattr(trials, "release_after_oom", release)
     for strategy in ("bisect", "model"):
         r = find_max_batch_size(t, budget=10**9, strategy=strategy)
         assert r.batch_size == 300
@@ -598,7 +604,7 @@ def test_measured_throughput_has_a_knee():
 # ---------------------------------------------------------------------------- compare
 def test_compare_configurations_side_by_side():
     x, y = data(128)
-    c = compare(MLP(40, (64, 64, 64), 10), (x, y),
+    c = compare_configs(MLP(40, (64, 64, 64), 10), (x, y),
                 {"plain": {}, "accumulate 4": {"accumulate": 4}, "checkpoint": {"checkpoint_segments": 2},
                  "adam": {"optimizer": "adam"}}, 128, steps=1)
     rows = {r["config"]: r for r in c.rows}
@@ -609,15 +615,15 @@ def test_compare_configurations_side_by_side():
     assert rows["adam"]["saved"] == rows["plain"]["saved"]
     assert len(c.to_pandas()) == 4
     with pytest.raises(ValueError, match="configs"):
-        compare(MLP(40, (8,), 10), (x, y), {}, 32)
+        compare_configs(MLP(40, (8,), 10), (x, y), {}, 32)
     with pytest.raises(ValueError, match="precision"):
-        compare(MLP(40, (8,), 10), (x, y), {"a": {}, "b": {"precision": "fp16"}}, 32, device="cpu")
+        compare_configs(MLP(40, (8,), 10), (x, y), {"a": {}, "b": {"precision": "fp16"}}, 32, device="cpu")
 
 
 def test_compare_reports_a_configuration_that_runs_out_of_memory():
     x, y = data(128)
     # a batch of 32 runs out of memory, micro-batches of 8 do not
-    c = compare(HugeAbove(16), (x, y), {"plain": {}, "accumulate 4": {"accumulate": 4}}, 32, steps=1)
+    c = compare_configs(HugeAbove(16), (x, y), {"plain": {}, "accumulate 4": {"accumulate": 4}}, 32, steps=1)
     plain, acc = c.rows
     assert plain["oom"] and plain["config"] == "plain" and plain["memory_ratio"] is None
     assert acc["total"] > 0 and acc["memory_ratio"] is None and acc["config"] == "accumulate 4"
@@ -628,9 +634,9 @@ def test_compare_reports_a_configuration_that_runs_out_of_memory():
 # ---------------------------------------------------------------------------- planner
 def test_plan_numbers_and_trainer_from_plan(toy):
     m = MemoryModel.fit([8, 16], [10_000 + 8 * 500, 10_000 + 16 * 500])
-    p = plan(200, budget=10_000 + 48 * 500, memory=m, base_lr=0.05, base_batch=50)
+    p = plan(200, budget=10_000 + 48 * 500, memory=m, lr=0.05, base_batch_size=50)
     assert (p.max_micro_batch, p.accumulate, p.micro_batch) == (48, 5, 40)
-    assert p.lr == pytest.approx(0.2) and p.warmup_epochs == 5.0
+    assert p.peak_lr == pytest.approx(0.2) and p.lr == 0.05 and p.warmup_epochs == 5.0
     assert p.predicted_bytes == pytest.approx(10_000 + 40 * 500)
     assert "effective batch 200 = 1 device(s) x 5 micro-batch(es) of 40" in p.summary()
     x, y = toy
@@ -640,11 +646,11 @@ def test_plan_numbers_and_trainer_from_plan(toy):
     t.fit(epochs=6)                                          # one step per epoch: 5 of warm-up
     assert t.history.steps["lr"][0] == pytest.approx(0.05)   # warm-up starts from the base lr (Goyal)
     assert t.history.steps["lr"][-1] == pytest.approx(0.2)
-    sqrt = plan(200, base_lr=0.05, base_batch=50, rule="sqrt", world_size=4)
+    sqrt = plan(200, lr=0.05, base_batch_size=50, scale_rule="sqrt", world_size=4)
     assert (sqrt.per_device_batch, sqrt.accumulate, sqrt.micro_batch) == (50, 1, 50)
-    assert sqrt.lr == pytest.approx(0.1)
+    assert sqrt.peak_lr == pytest.approx(0.1) and sqrt.base_batch_size == 50
     assert sqrt.to_config().batch_size == 50
-    assert plan(64, base_lr=0.1).warmup_epochs == 0.0
+    assert plan(64, lr=0.1).warmup_epochs == 0.0
 
 
 def test_plan_errors():
@@ -655,15 +661,15 @@ def test_plan_errors():
         plan(65, world_size=2)
     with pytest.raises(ValueError, match="memory"):
         plan(64, budget=10**6)
-    with pytest.raises(ValueError, match="target_batch"):
+    with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
         plan(0)
     with pytest.raises(TypeError, match="memory"):
         plan(64, budget=10**6, memory={"fixed": 1})
     x, y = data(64)
     report = measure(MLP(40, (16,), 10), (x, y), [8, 16], steps=0)
     assert plan(256, budget=60_000, memory=report).max_micro_batch == report.fit().max_batch_size(60_000)
-    with pytest.raises(ValueError, match="rule"):
-        plan(64, rule="cubic")
+    with pytest.raises(ValueError, match="scale_rule='cubic' is not known"):
+        plan(64, scale_rule="cubic")
     with pytest.raises(TypeError, match="plan"):
         Trainer.from_plan(MLP(8, (4,), 3), data(32, 8, 3), {"batch_size": 8})
 

@@ -97,7 +97,7 @@ def _data_parallel_runs(n=96):
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(n, 8, generator=g), torch.randint(0, 3, (n,), generator=g)
-    planned = Trainer.from_plan(make_mlp(), (x, y), plan(32, world_size=2, max_micro_batch=8, base_lr=0.1),
+    planned = Trainer.from_plan(make_mlp(), (x, y), plan(32, world_size=2, max_micro_batch=8, lr=0.1),
                                 optimizer="momentum", seed=0)
     planned.fit(steps=2, progress=False)
     model = make_mlp()
@@ -129,7 +129,7 @@ def test_data_parallel_plan_gradient_noise_and_progress_bar():
 def test_a_plan_for_several_processes_is_refused_in_one(toy):
     from nbbatch.memory import plan
 
-    p = plan(64, world_size=2, base_lr=0.1)
+    p = plan(64, world_size=2, lr=0.1)
     with pytest.raises(ValueError, match="world_size=2"):
         Trainer.from_plan(make_mlp(), toy, p)
 
