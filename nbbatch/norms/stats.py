@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .models import default_groups
+from ..models import default_groups
 
 __all__ = [
     "BNStatsRecorder",
