@@ -63,9 +63,14 @@ def test_every_module_has_a_layer():
     assert not set(named) - package_modules(), "a layer names a module that does not exist"
 
 
-def test_every_memory_module_has_a_layer():
-    named = layer_modules("nbbatch.memory")
-    inside = {m for m in package_modules() if m.startswith("nbbatch.memory.")}
+# the subpackages with a layers contract of their own
+SUBPACKAGES = ("nbbatch.memory", "nbbatch.norms")
+
+
+@pytest.mark.parametrize("package", SUBPACKAGES)
+def test_every_module_of_a_subpackage_has_a_layer(package):
+    named = layer_modules(package)
+    inside = {m for m in package_modules() if m.startswith(package + ".")}
     assert len(named) == len(set(named)) and set(named) == inside
 
 
@@ -76,10 +81,13 @@ def test_an_upward_import_breaks_the_contract(tmp_path):
     noise.write_text(noise.read_text() + "\nfrom .trainer import Trainer  # noqa: E402\n")
     model = tmp_path / "nbbatch" / "memory" / "model.py"
     model.write_text(model.read_text() + "\nfrom .planner import plan  # noqa: E402\n")
+    ghost = tmp_path / "nbbatch" / "norms" / "ghost.py"
+    ghost.write_text(ghost.read_text() + "\nfrom .convert import convert_norm  # noqa: E402\n")
     result = lint_imports(tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "BROKEN" in result.stdout and "nbbatch.noise -> nbbatch.trainer" in result.stdout
     assert "nbbatch.memory.model -> nbbatch.memory.planner" in result.stdout
+    assert "nbbatch.norms.ghost -> nbbatch.norms.convert" in result.stdout
 
 
 def local_nbbatch_imports(path: Path, root: Path = ROOT) -> list[tuple[int, str]]:
