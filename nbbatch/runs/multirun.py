@@ -33,14 +33,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
-from .batching import as_tensors, epoch_permutation, num_batches, train_tensors
-from .config import TrainConfig, check_length
-from .device import autocast_context, peak_memory_bytes, reset_peak_memory, resolve_device, resolve_precision
-from .history import History
-from .losses import accuracy, resolve_loss
-from .optim import ADAM_EPS
-from .schedules import Schedule, scale_lr
-from .trainer import Target
+from ..batching import as_tensors, epoch_permutation, num_batches, train_tensors
+from ..config import TrainConfig, check_length
+from ..device import autocast_context, peak_memory_bytes, reset_peak_memory, resolve_device, resolve_precision
+from ..history import History
+from ..losses import accuracy, resolve_loss
+from ..optim import ADAM_EPS
+from ..schedules import Schedule, scale_lr
+from ..trainer import Target
 
 __all__ = ["MultiRun", "PER_RUN_OPTIONS", "MULTIRUN_OPTIMIZERS"]
 
