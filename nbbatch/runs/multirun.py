@@ -1,24 +1,8 @@
-"""Many runs as one: R runs of one architecture trained in one vectorised step.
+"""MultiRun: R runs of one architecture trained in one vectorised step, one History per run.
 
-On the small models a workshop uses, a training step is mostly fixed per-step overhead, so R
-runs one after another cost R times that overhead. ``MultiRun`` stacks the R models' parameters
-along a leading run dimension (``torch.func.stack_module_state``) and trains them together:
-
-* forward: an ``nn.Sequential`` of ``Linear``, ``Flatten``, elementwise activations and
-  ``Dropout`` (``models.MLP``) runs as batched matrix products (``torch.baddbmm``) on the stacked
-  weights; any other model runs through ``torch.func.vmap`` over ``functional_call`` (measured:
-  the batched products are about 1.3-1.5x faster than vmap for the MLP, see ``bench/RESULTS.md``);
-* backward: plain autograd on the sum of the R per-run mean losses (the runs share no
-  parameter, so each run's gradient is exactly its own);
-* update: SGD / momentum / Nesterov / Adam / AdamW written with ``torch._foreach`` ops on the
-  stacked tensors, with per-run learning rate, momentum and weight decay as ``(R, 1, ...)``
-  tensors. torch.optim keeps one hyperparameter per group and cannot take a per-row one, so the
-  update rules are written by hand here, following torch.optim's single-tensor formulas.
-
-Per run: seed (initial weights and data order), lr, momentum, weight decay, the warm-up and decay
-schedule (``nbbatch.schedules``) and the LR scaling rule. Shared: architecture, batch size,
-optimizer kind, betas/eps, precision, device, loss and metrics. A run whose loss or gradient is
-non-finite is marked diverged and frozen at its last finite step while the others go on.
+It checks the options and builds the stacked runs, steps them (the forward engines in
+``nbbatch.runs.engines``, the update rules in ``nbbatch.runs.optimizers``), freezes the runs that
+diverge, stop or reach a target, evaluates them and tabulates their histories.
 """
 
 from __future__ import annotations
@@ -30,28 +14,26 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.func import functional_call, stack_module_state, vmap
+from torch.func import stack_module_state
 
 from ..batching import as_tensors, epoch_permutation, num_batches, train_tensors
 from ..config import TrainConfig, check_length
 from ..device import autocast_context, peak_memory_bytes, reset_peak_memory, resolve_device, resolve_precision
 from ..history import History
 from ..losses import accuracy, resolve_loss
-from ..optim import ADAM_EPS
 from ..schedules import Schedule, scale_lr
 from ..trainer import Target
+from .engines import bmm_forward, check_same_architecture, probe, sequential_plan, stacked_losses, vmap_forward
+from .optimizers import MULTIRUN_OPTIMIZERS, StackedOptimizer
 
-__all__ = ["MultiRun", "PER_RUN_OPTIONS", "MULTIRUN_OPTIMIZERS"]
+__all__ = ["MultiRun", "PER_RUN_OPTIONS"]
 
-MULTIRUN_OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
 PER_RUN_OPTIONS = ("seed", "lr", "momentum", "weight_decay", "scale_rule", "base_batch_size", "warmup",
                    "warmup_steps", "warmup_epochs", "warmup_start", "decay", "total_steps", "total_epochs",
                    "decay_steps", "decay_epochs", "decay_gamma", "min_lr_factor")
 # Trainer options a MultiRun does not offer, with the value that means "off".
 _UNSUPPORTED = {"accumulate": 1, "clip_grad_norm": None, "grad_noise": 0.0, "noise_scale_every": None,
                 "checkpoint_segments": 0}
-_ELEMENTWISE = (nn.Identity, nn.ReLU, nn.Tanh, nn.GELU, nn.SiLU, nn.Sigmoid, nn.LeakyReLU, nn.Dropout)
 _DEFAULT_UNTIL_EPOCHS = 100
 
 
@@ -188,12 +170,12 @@ class MultiRun:
                     models.append(m)
             else:
                 models = [copy.deepcopy(m) for m in models]
-            _check_same_architecture(models)
+            check_same_architecture(models)
             if not any(p.requires_grad for p in models[0].parameters()):
                 raise ValueError("model has no parameters to train")
             base = copy.deepcopy(models[0]).to("meta")
-            fast = _sequential_plan(base)
-            _probe(base, models, loss_fn, cfg.loss, x[:2], y[:2], y)
+            fast = sequential_plan(base)
+            probe(base, models, loss_fn, cfg.loss, x[:2], y[:2], y)
         except BaseException:
             torch.set_rng_state(rng)
             raise
@@ -234,22 +216,14 @@ class MultiRun:
         self._perms = None
         self._horizon: int | None = None
         self._schedules: list[Schedule] | None = None
-        self._lr_values: list[float] | None = None
         # The stacked tensors hold the live runs only, in the order of ``_live``; a run that stops or
         # diverges leaves the stack (its weights kept in ``_frozen``), so it costs nothing afterwards.
         self._live = list(range(R))
         self._frozen: dict[int, dict[str, torch.Tensor]] = {}
-        opt = cfg.optimizer
-        self._momentum_all = [c.momentum_value for c in configs]
-        self._wd_all = [c.weight_decay for c in configs]
-        self._uses_momentum = any(m > 0 for m in self._momentum_all)
-        self._uses_decay = any(w > 0 for w in self._wd_all)
-        self._nesterov = opt == "nesterov"
-        self._adam = opt in ("adam", "adamw")
-        self._state: list[dict] = [{} for _ in self._plist]
-        self._lr = torch.zeros(R, device=device)
-        self._neg_lr_views = None
-        self._live_hyperparameters()
+        self._optimizer = StackedOptimizer(cfg.optimizer, momentum=[c.momentum_value for c in configs],
+                                           weight_decay=[c.weight_decay for c in configs], betas=cfg.betas,
+                                           eps=cfg.eps, device=device)
+        self._optimizer.bind(self._plist, self._live)
         self._reads_memory = device.type != "cpu"
 
     # ------------------------------------------------------------------ small public surface
@@ -338,51 +312,13 @@ class MultiRun:
 
     def _forward(self, x: torch.Tensor, shared_input: bool = False) -> torch.Tensor:
         """Outputs ``(A, N, ...)`` of the A live runs on ``x`` (``(A, N, ...)``, or ``(N, ...)`` shared by all)."""
-        R = len(self._live)
         if self._fast is not None:
-            # Activations travel transposed, (R, features, rows), between linear layers: then
-            # out^T = W h^T + b and autograd's weight gradient grad^T h comes out (R, out, in),
-            # contiguous like the weight, so the update's foreach kernels take their fast path.
-            # A shared input (evaluation) stays unbatched until the first linear layer, which then
-            # runs as one matrix product of all runs' stacked weights: (R*out, in) @ (in, rows).
-            h, shared, transposed = x, shared_input, False
-            for kind, name, module in self._fast:
-                if kind == "linear":
-                    w, b = self.params[name + ".weight"], self.params.get(name + ".bias")
-                    if shared:
-                        lead = (R,) + h.shape[:-1]                                      # (R, N, ...)
-                        flat = h.reshape(-1, h.shape[-1]).T                             # (in, rows)
-                        h = (w.reshape(-1, w.shape[2]) @ flat).view(R, w.shape[1], -1)  # (R, out, rows)
-                        if b is not None:
-                            h = h + b.unsqueeze(2)
-                        shared, transposed = False, True
-                        continue
-                    if not transposed:
-                        lead = h.shape[:-1]                                             # (R, N, ...)
-                        h = h.reshape(R, -1, h.shape[-1]).transpose(1, 2)               # (R, in, rows)
-                        transposed = True
-                    h = torch.bmm(w, h) if b is None else torch.baddbmm(b.unsqueeze(2), w, h)   # (R, out, rows)
-                elif kind == "flatten":
-                    if transposed:
-                        h, transposed = h.transpose(1, 2).reshape(*lead, -1), False
-                    h = h.flatten(1 if shared else 2)
-                else:                                                                   # elementwise
-                    h = module(h)
-            if shared:   # no linear layer: every run's output is the same function of x
-                return h.unsqueeze(0).expand(R, *h.shape)
-            if transposed:   # back to (R, N, ..., out), contiguous for the loss's row-wise kernels
-                h = h.transpose(1, 2).contiguous().view(*lead, h.shape[1])
-            return h
-        fn = lambda p, b, xi: functional_call(self._base, (p, b), (xi,))               # noqa: E731
-        return vmap(fn, in_dims=(0, 0, None if shared_input else 0), randomness="different")(
-            self.params, self.buffers, x)
+            return bmm_forward(self._fast, self.params, x, len(self._live), shared_input)
+        return vmap_forward(self._base, self.params, self.buffers, x, shared_input)
 
     def _losses(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-run mean losses ``(R,)`` of outputs ``(R, b, C)`` against targets ``(R, b, ...)``."""
-        if self.loss_fn is F.cross_entropy and out.dim() == 3 and y.dim() == 2:
-            R, b, C = out.shape
-            return F.cross_entropy(out.reshape(R * b, C), y.reshape(R * b), reduction="none").view(R, b).mean(1)
-        return vmap(self.loss_fn)(out, y)
+        return stacked_losses(self.loss_fn, out, y)
 
     def _train_step(self) -> None:
         t0 = time.perf_counter()
@@ -390,10 +326,7 @@ class MultiRun:
         A = len(live)
         xb, yb = self._batch()                                          # 1. each live run's batch
         lrs = [self._schedules[r](step) for r in live]                   # 2. each run's scheduled lr
-        if lrs != self._lr_values:
-            self._lr = torch.tensor(lrs, dtype=torch.float32, device=self.device)
-            self._lr_values = lrs
-            self._neg_lr_views = self._views(-self._lr)
+        self._optimizer.set_lrs(lrs)
         with self._autocast:                                            # 3. forward, all runs at once
             out = self._forward(xb)
             losses = self._losses(out, yb).float()                      # (A,)
@@ -410,9 +343,8 @@ class MultiRun:
                 self._freeze(r, "diverged", f"non-finite {what} (loss={loss_values[i]}) at lr={lrs[i]:.4g}")
         if not all(finite):
             grads = self._compact(grads)                                # the diverged runs leave before the update
-        if self._live:
-            with torch.no_grad():                                       # 6. the update, in place
-                self._update(grads)
+        if self._live:                                                  # 6. the update, in place
+            self._optimizer.step(grads, t=self.step_count + 1)          # every active run has taken t steps
         dt = time.perf_counter() - t0
         self.step_count += 1                                            # 7. record
         self.train_time += dt
@@ -432,14 +364,6 @@ class MultiRun:
                 "loss": loss_values[i], "lr": lrs[i], "batch_size": n, "time": self.train_time,
                 "examples_per_s": n / dt if dt > 0 else float("inf"), "peak_memory": memory})
 
-    def _live_hyperparameters(self) -> None:
-        """The (A,) hyperparameter tensors of the live runs and their broadcast views."""
-        tensor = lambda v: torch.tensor(v, dtype=torch.float32, device=self.device)   # noqa: E731
-        self._momentum = tensor([self._momentum_all[r] for r in self._live])
-        self._wd = tensor([self._wd_all[r] for r in self._live])
-        self._mom_views = self._views(self._momentum)
-        self._wd_views = self._views(self._wd)
-
     def _compact(self, grads: list[torch.Tensor] | None = None):
         """Drop the runs that are no longer active from the stacked tensors (and from ``grads``)."""
         keep = [i for i, r in enumerate(self._live) if self.status[r] == "active"]
@@ -450,59 +374,8 @@ class MultiRun:
         self.params = {k: v.detach()[idx].requires_grad_(v.requires_grad) for k, v in self.params.items()}
         self.buffers = {k: v[idx] for k, v in self.buffers.items()}
         self._plist = [p for p in self.params.values() if p.requires_grad]
-        self._state = [{k: v[idx] for k, v in st.items()} for st in self._state]
-        self._lr = self._lr[idx]
-        self._lr_values = None
-        self._neg_lr_views = self._views(-self._lr)
-        self._live_hyperparameters()
+        self._optimizer.keep(idx, self._plist, self._live)
         return None if grads is None else [g[idx] for g in grads]
-
-    def _views(self, v: torch.Tensor):
-        return [v.view((len(self._live),) + (1,) * (p.dim() - 1)) for p in self._plist]
-
-    def _update(self, grads: list[torch.Tensor]) -> None:
-        """torch.optim's single-tensor SGD / Adam / AdamW formulas with per-run (R,) hyperparameters."""
-        params, neg_lr, wd, decay = self._plist, self._neg_lr_views, self._wd_views, self._uses_decay
-        if not self._adam:
-            if decay:                                                   # g <- g + wd * p
-                grads = torch._foreach_addcmul(grads, params, wd)
-            if self._uses_momentum:
-                mom = self._mom_views
-                bufs = [s.get("momentum_buffer") for s in self._state]
-                if bufs[0] is None:                                     # torch: the first buffer is the gradient
-                    bufs = [g.clone() for g in grads]
-                    for s, b in zip(self._state, bufs):
-                        s["momentum_buffer"] = b
-                else:                                                   # buf <- m * buf + g
-                    torch._foreach_mul_(bufs, mom)
-                    torch._foreach_add_(bufs, grads)
-                grads = torch._foreach_addcmul(grads, bufs, mom) if self._nesterov else bufs
-            torch._foreach_addcmul_(params, grads, neg_lr)              # p <- p - lr * g
-            return
-        beta1, beta2 = (float(b) for b in self.config.betas)
-        eps = ADAM_EPS if self.config.eps is None else float(self.config.eps)
-        if self.config.optimizer == "adamw":
-            if decay:                                                   # p <- p * (1 - lr * wd)
-                torch._foreach_mul_(params, torch._foreach_add(torch._foreach_mul(neg_lr, wd), 1.0))
-        elif decay:
-            grads = torch._foreach_addcmul(grads, params, wd)
-        if "exp_avg" not in self._state[0]:
-            for s, p in zip(self._state, params):
-                s["exp_avg"] = torch.zeros_like(p)
-                s["exp_avg_sq"] = torch.zeros_like(p)
-        m = [s["exp_avg"] for s in self._state]
-        v = [s["exp_avg_sq"] for s in self._state]
-        torch._foreach_lerp_(m, grads, 1 - beta1)
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
-        t = self.step_count + 1                                         # every active run has taken t steps
-        bias1, bias2_sqrt = 1 - beta1 ** t, (1 - beta2 ** t) ** 0.5
-        denom = torch._foreach_sqrt(v)
-        torch._foreach_div_(denom, bias2_sqrt)
-        torch._foreach_add_(denom, eps)
-        step = torch._foreach_div(m, denom)
-        torch._foreach_mul_(step, [s / bias1 for s in neg_lr])
-        torch._foreach_add_(params, step)
 
     def _freeze(self, r: int, reason: str, detail: str) -> None:
         """Mark run ``r`` as no longer active and keep its weights; ``_compact`` then drops it from the stack."""
@@ -697,81 +570,3 @@ class MultiRun:
         return (f"MultiRun(runs={self.runs}, engine={self.engine!r}, batch_size={self.config.batch_size}, "
                 f"optimizer={self.config.optimizer!r}, step={self.step_count}, "
                 f"active={sum(self.active)}, diverged={sum(self.diverged)})")
-
-
-# ---------------------------------------------------------------------- checks and plans
-def _check_same_architecture(models: list[nn.Module]) -> None:
-    """Every model has the structure of the first (module types, parameter and buffer names and shapes)."""
-    def signature(m):
-        return ([(n, type(c).__name__) for n, c in m.named_modules()],
-                [(n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in m.named_parameters()],
-                [(n, tuple(b.shape), b.dtype) for n, b in m.named_buffers()])
-
-    ref = signature(models[0])
-    for i, m in enumerate(models[1:], 1):
-        sig = signature(m)
-        for what, a, b in zip(("layers", "parameters", "buffers"), ref, sig):
-            if a != b:
-                diff = next(((x, y) for x, y in zip(a, b) if x != y), (a[len(b):][:1], b[len(a):][:1]))
-                raise ValueError(f"model: run {i}'s architecture differs from run 0's in its {what}: "
-                                 f"{diff[1]} against {diff[0]}; all runs must share one architecture")
-
-
-def _sequential_plan(base: nn.Module):
-    """The batched-product plan of an ``nn.Sequential`` of supported layers, else None (vmap)."""
-    if not isinstance(base, nn.Sequential) or type(base).forward is not nn.Sequential.forward:
-        return None
-    plan = []
-    for name, m in base.named_children():
-        if type(m) is nn.Linear:
-            plan.append(("linear", name, m))
-        elif type(m) is nn.Flatten and m.start_dim == 1 and m.end_dim == -1:
-            plan.append(("flatten", name, m))
-        elif type(m) in _ELEMENTWISE:
-            plan.append(("elementwise", name, m))
-        else:
-            return None
-    return plan
-
-
-def _probe(base: nn.Module, models, loss_fn, loss_name, x, y, all_labels) -> None:
-    """Run two examples of every run through the vectorised forward and the loss (eval mode, no update)."""
-    params, buffers = stack_module_state(models)
-    params = {k: v.detach() for k, v in params.items()}
-    buffers = {k: v.clone() for k, v in buffers.items()}   # a probe must not move running statistics
-    stack: list[str] = []
-    failed: list[str] = []
-    hooks = []
-    for name, m in base.named_modules():
-        if name:
-            hooks.append(m.register_forward_pre_hook(lambda mod, inp, name=name: stack.append(name) and None))
-            hooks.append(m.register_forward_hook(lambda mod, inp, out: stack.pop() and None))
-    base.eval()
-    try:
-        fn = lambda p, b, xi: functional_call(base, (p, b), (xi,))   # noqa: E731
-        with torch.no_grad():
-            try:
-                out = vmap(fn, in_dims=(0, 0, None), randomness="different")(params, buffers, x)
-            except Exception as err:
-                layer = stack[-1] if stack else None
-                failed.append(layer)
-                where = f"layer {layer!r} ({type(base.get_submodule(layer)).__name__})" if layer else "the model"
-                raise ValueError(f"model: {where} cannot be vectorised over runs (torch.func.vmap over "
-                                 f"functional_call failed: {err}); train such runs with Trainer") from err
-    finally:
-        for h in hooks:
-            h.remove()
-        base.train()
-    o = out[0]
-    if loss_name == "cross_entropy":
-        if y.dtype.is_floating_point or o.dim() != 2 or y.dim() != 1:
-            raise ValueError(f"labels of shape {tuple(y.shape)} and dtype {y.dtype} do not fit the model's output "
-                             f"of shape {tuple(o.shape)} for cross-entropy: expected int64 class indices")
-        lo, hi, classes = int(all_labels.min()), int(all_labels.max()), o.shape[-1]
-        if lo < 0 or hi >= classes:
-            raise ValueError(f"labels range over [{lo}, {hi}] but the model has {classes} outputs")
-    try:
-        loss_fn(o, y)
-    except Exception as err:
-        raise ValueError(f"labels of shape {tuple(y.shape)} do not fit the model's output of shape "
-                         f"{tuple(o.shape)}: {err}") from err
