@@ -74,6 +74,18 @@ def test_every_module_of_a_subpackage_has_a_layer(package):
     assert len(named) == len(set(named)) and set(named) == inside
 
 
+@pytest.mark.parametrize("package", SUBPACKAGES)
+def test_a_subpackage_re_exports_its_names_and_no_module_shadows_one(package):
+    import importlib
+
+    module = importlib.import_module(package)
+    missing = [name for name in module.__all__ if not hasattr(module, name)]
+    assert not missing, f"{package}.__all__ names what it does not hold: {missing}"
+    # a submodule named like a re-exported function would hide it after ``import package.name``
+    submodules = {m.rpartition(".")[2] for m in package_modules() if m.startswith(package + ".")}
+    assert not submodules & set(module.__all__), sorted(submodules & set(module.__all__))
+
+
 def test_an_upward_import_breaks_the_contract(tmp_path):
     shutil.copytree(PACKAGE, tmp_path / "nbbatch", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
