@@ -5,7 +5,9 @@ Each raises an error whose message names the parameter and the bad value.
 
 from __future__ import annotations
 
-__all__ = ["is_int", "check_positive_int"]
+import numbers
+
+__all__ = ["check_int", "check_positive_int", "is_int"]
 
 
 def is_int(value) -> bool:
@@ -30,3 +32,27 @@ def check_positive_int(name: str, value) -> int:
     if not is_int(value) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
+
+
+def check_int(name: str, value, minimum: int = 1) -> int:
+    """``int(value)`` for an integer >= ``minimum``: a TypeError for what is no integer (a bool, a
+    float), a ValueError for one below ``minimum``, each naming ``name``. Numpy integers pass.
+
+    Example:
+        >>> check_int("groups", 4), check_int("restarts", 0, minimum=0)
+        (4, 0)
+        >>> check_int("hidden", 2.0)
+        Traceback (most recent call last):
+        ...
+        TypeError: hidden must be a positive int, got 2.0 (float)
+        >>> check_int("virtual_batch_size", 1, minimum=2)
+        Traceback (most recent call last):
+        ...
+        ValueError: virtual_batch_size must be an int >= 2, got 1
+    """
+    must = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} must be {must}, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be {must}, got {value!r}")
+    return int(value)

@@ -31,14 +31,15 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .models import default_groups
+from .checks import check_int
+from .models import NORMS, default_groups
 
 __all__ = [
     "BNStatsRecorder",
     "BatchNormAccumulationWarning",
+    "CONVERT_TARGETS",
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",
-    "NORM_KINDS",
     "REMAINDERS",
     "batch_stat_noise",
     "batch_stats",
@@ -50,16 +51,9 @@ __all__ = [
     "warn_accumulation_with_bn",
 ]
 
-NORM_KINDS = ("batch", "ghost", "group", "layer", "none")
+# what convert_norm converts to: the norms a model is built with (models.NORMS) and ghost batch norm
+CONVERT_TARGETS = (*NORMS, "ghost")
 REMAINDERS = ("merge", "separate", "error")
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def _factory(layer: nn.Module) -> dict:
@@ -86,7 +80,7 @@ class _GhostMixin:
                  momentum: Optional[float] = 0.1, affine: bool = True, track_running_stats: bool = True,
                  remainder: str = "merge", device=None, dtype=None) -> None:
         # checked before the parent builds anything
-        virtual_batch_size = _check_int("virtual_batch_size", virtual_batch_size, 2)
+        virtual_batch_size = check_int("virtual_batch_size", virtual_batch_size, minimum=2)
         if remainder not in REMAINDERS:
             raise ValueError(f"remainder must be one of {REMAINDERS}, got {remainder!r}")
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
@@ -341,7 +335,7 @@ def convert_norm(model: nn.Module, to: str, *, virtual_batch_size: int = 32, gro
 
     Args:
         model: The model (or a single norm layer).
-        to: One of :data:`NORM_KINDS`.
+        to: One of :data:`CONVERT_TARGETS` (``models.NORMS`` and ``"ghost"``).
         virtual_batch_size: Examples per statistic for ``to="ghost"``.
         groups: Groups for ``to="group"``; must divide every converted layer's channels.
         remainder: Ghost BN's rule for a virtual batch that does not divide the batch.
@@ -363,16 +357,16 @@ def convert_norm(model: nn.Module, to: str, *, virtual_batch_size: int = 32, gro
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(to, str) or to.lower() not in NORM_KINDS:
-        raise ValueError(f"to must be one of {NORM_KINDS}, got {to!r}")
+    if not isinstance(to, str) or to.lower() not in CONVERT_TARGETS:
+        raise ValueError(f"to must be one of {CONVERT_TARGETS}, got {to!r}")
     to = to.lower()
-    virtual_batch_size = _check_int("virtual_batch_size", virtual_batch_size, 2)
+    virtual_batch_size = check_int("virtual_batch_size", virtual_batch_size, minimum=2)
     if remainder not in REMAINDERS:
         raise ValueError(f"remainder must be one of {REMAINDERS}, got {remainder!r}")
     if groups is not None:
         if to != "group":
             raise ValueError(f"groups is only used with to='group', got groups={groups!r} with to={to!r}")
-        groups = _check_int("groups", groups, 1)
+        groups = check_int("groups", groups)
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be True or False, got {inplace!r}")
     if not isinstance(keep_affine, bool):
@@ -460,7 +454,7 @@ class BNStatsRecorder:
 
     def __init__(self, model: nn.Module, every: int = 1) -> None:
         layers = _running_layers(model)
-        self.every = _check_int("every", every, 1)
+        self.every = check_int("every", every)
         self.rows: list[dict] = []
         self._calls = {name: 0 for name, _ in layers}
         self._handles = [layer.register_forward_pre_hook(self._hook(name)) for name, layer in layers
@@ -620,7 +614,7 @@ def batch_stat_noise(model: nn.Module, x: torch.Tensor, batch_sizes: Iterable[in
     for b in sizes:
         if not isinstance(b, numbers.Integral) or isinstance(b, bool) or not 2 <= b <= len(x):
             raise ValueError(f"batch_sizes must be ints in [2, {len(x)}] (the pool size), got {b!r}")
-    draws = _check_int("draws", draws, 1)
+    draws = check_int("draws", draws)
     device = _model_device(model)
     x = x.to(device) if device is not None else x
     n = len(x)
@@ -755,7 +749,7 @@ def _batches_from(data: Any, batch_size: Optional[int], num_batches: int, seed: 
         if batch_size is None:
             raise ValueError("batch_size is needed when data is a tensor (or a pair of tensors): the size of "
                              "the training batches whose statistics to average, e.g. batch_size=64")
-        batch_size = _check_int("batch_size", batch_size, 2)
+        batch_size = check_int("batch_size", batch_size, minimum=2)
         if batch_size > len(x):
             raise ValueError(f"batch_size={batch_size} is larger than data ({len(x)} examples)")
 
@@ -816,7 +810,7 @@ def precise_bn(model: nn.Module, data: Any, *, num_batches: int = 100, batch_siz
     layers = [(name, layer) for name, layer in _running_layers(model) if layer.track_running_stats]
     if not layers:
         raise ValueError("model's batch-norm layers keep no running statistics (track_running_stats=False)")
-    num_batches = _check_int("num_batches", num_batches, 1)
+    num_batches = check_int("num_batches", num_batches)
     batches = _batches_from(data, batch_size, num_batches, seed)
     device = _model_device(model)
     saved = _snapshot(layers)
