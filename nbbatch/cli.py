@@ -62,6 +62,19 @@ def train_options() -> list[str]:
     return [name for name, o in OPTIONS.items() if o.type is not None]
 
 
+def config_options(args: argparse.Namespace) -> dict:
+    """The TrainConfig options of parsed ``nbbatch train`` arguments, as keywords of ``Trainer``.
+
+    Example:
+        >>> args = build_parser().parse_args(["train", "--warmup", "linear", "--warmup-steps", "20"])
+        >>> TrainConfig(**config_options(args)).warmup_steps
+        20
+    """
+    options = {name: getattr(args, name) for name in train_options()}
+    options["betas"] = tuple(options["betas"])
+    return options
+
+
 def _parse_bool(text: str) -> bool:
     value = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
     try:
@@ -292,9 +305,7 @@ def train(args: argparse.Namespace, out=None) -> int:
     kwargs = {"num_samples": args.num_samples} if args.num_samples and args.dataset == "mnist1d" else {}
     bundle = datasets.load_dataset(args.dataset, **kwargs)
     model = make_model(args.model, bundle, norm=args.norm)
-    options = {name: getattr(args, name) for name in train_options()}
-    options["betas"] = tuple(options["betas"])
-    trainer = Trainer(model, bundle, **options)
+    trainer = Trainer(model, bundle, **config_options(args))
     if not trainer.is_main_process:   # data-parallel under torchrun: rank 0 prints and writes
         out = io.StringIO()
     print(f"# {bundle.description}", file=out)
