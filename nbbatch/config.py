@@ -17,7 +17,9 @@ import textwrap
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Union
 
-from .checks import is_int
+import torch
+
+from .checks import check_positive_int, is_int
 from .device import PRECISIONS
 from .losses import LOSSES
 from .schedules import DECAYS, SCALE_RULES, WARMUPS
@@ -39,11 +41,10 @@ def check_length(epochs: float | None, steps: int | None) -> None:
     """
     if epochs is not None and steps is not None:
         raise ValueError("give epochs or steps, not both")
-    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, (int, float))
-                               or not math.isfinite(epochs) or epochs <= 0):
+    if epochs is not None and (not _is_number(epochs) or not math.isfinite(epochs) or epochs <= 0):
         raise ValueError(f"epochs must be a number > 0, got {epochs!r}")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if steps is not None:
+        check_positive_int("steps", steps)
 
 
 def _is_number(value) -> bool:
@@ -139,7 +140,7 @@ def _check_seed(name, value):
 
 def _check_device(name, value):
     # the spelling and the availability are checked where the device is resolved (device.py)
-    if not isinstance(value, str) and type(value).__name__ != "device":
+    if not isinstance(value, (str, torch.device)):
         raise TypeError(f"{name} must be a string or torch.device, got {type(value).__name__} {value!r}")
 
 
@@ -376,7 +377,6 @@ class TrainConfig:
         return cls(**kwargs)
 
 
-
 _LENGTH_PAIRS = (("warmup_steps", "warmup_epochs"), ("total_steps", "total_epochs"), ("decay_steps", "decay_epochs"))
 
 
@@ -395,7 +395,8 @@ def _declare(cls) -> dict[str, Option]:
         lines.append(textwrap.fill(text, width=100, initial_indent=" " * 8, subsequent_indent=" " * 12,
                                    break_on_hyphens=False, break_long_words=False))
     args = "\n".join(lines)
-    cls.__doc__ = cls.__doc__.replace("    Example:", "    Args:\n" + args + "\n\n    Example:", 1)
+    if cls.__doc__:   # None under python -OO
+        cls.__doc__ = cls.__doc__.replace("    Example:", "    Args:\n" + args + "\n\n    Example:", 1)
     return options
 
 
