@@ -15,17 +15,16 @@ target, and writes the figure.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import math
 import os
 import sys
 
 from . import data as datasets
-from .config import OPTIMIZERS
-from .device import PRECISIONS
+from .config import OPTIONS, TrainConfig
 from .diagnostics import sweep as run_sweep
 from .models import MODELS, NORMS, make_model
-from .schedules import DECAYS, SCALE_RULES, WARMUPS
 from .trainer import Trainer
 
 # the datasets a command line can build (classification; the IDX loader needs file paths)
@@ -51,6 +50,52 @@ def _choice(parser, *names, choices, default, help):
     parser.add_argument(*names, default=default, choices=choices, metavar="NAME", help=help)
 
 
+# ``nbbatch train``'s flags for TrainConfig's options are made from the options' declarations
+# (config.OPTIONS): one flag per option a command line can give, named after it (--batch-size),
+# with its help, its choices and its default; these defaults differ from TrainConfig's.
+TRAIN_DEFAULTS = {"lr": 0.05, "optimizer": "momentum"}
+_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
+def train_options() -> list[str]:
+    """The TrainConfig options ``nbbatch train`` takes as flags (every one a command line can give)."""
+    return [name for name, o in OPTIONS.items() if o.type is not None]
+
+
+def config_options(args: argparse.Namespace) -> dict:
+    """The TrainConfig options of parsed ``nbbatch train`` arguments, as keywords of ``Trainer``.
+
+    Example:
+        >>> args = build_parser().parse_args(["train", "--warmup", "linear", "--warmup-steps", "20"])
+        >>> TrainConfig(**config_options(args)).warmup_steps
+        20
+    """
+    options = {name: getattr(args, name) for name in train_options()}
+    options["betas"] = tuple(options["betas"])
+    return options
+
+
+def _parse_bool(text: str) -> bool:
+    value = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+    try:
+        return value[text.strip().lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}") from None
+
+
+def _option_flag(parser, name: str, *, default=None, help: str | None = None) -> None:
+    """The flag ``--name-with-dashes`` of TrainConfig's option ``name``."""
+    o = OPTIONS[name]
+    kwargs = {"default": _FIELD_DEFAULTS[name] if default is None else default, "help": help or o.help}
+    if o.type is bool:   # --drop-last alone means true; --drop-last false also works
+        kwargs.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
+    elif o.choices:
+        kwargs.update(choices=o.choices, metavar="NAME")
+    else:
+        kwargs.update(type=o.type, nargs=o.nargs, metavar=name.upper() if o.type is str else None)
+    parser.add_argument("--" + name.replace("_", "-"), **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nbbatch", description="Batch-size experiments from the command line.",
                                      formatter_class=_Help)
@@ -61,24 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--num-samples", type=int, default=None, help="mnist1d: total examples generated")
     _choice(train, "--model", choices=MODELS, default="mlp", help="reference model")
     _choice(train, "--norm", choices=NORMS, default="none", help="normalisation layers of the model")
-    train.add_argument("--batch-size", type=int, default=64, help="examples per optimizer step")
     train.add_argument("--epochs", type=float, default=5, help="passes over the training set (> 0)")
-    train.add_argument("--lr", type=float, default=0.05, help="learning rate (at --base-batch-size)")
-    _choice(train, "--optimizer", choices=OPTIMIZERS, default="momentum", help="optimizer")
-    train.add_argument("--momentum", type=float, default=None, help="momentum (none: the optimizer's default)")
-    train.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay")
-    _choice(train, "--scale-rule", choices=SCALE_RULES, default="none",
-            help="how the lr scales from --base-batch-size to --batch-size")
-    train.add_argument("--base-batch-size", type=int, default=None,
-                       help="batch size --lr was tuned at (none: --batch-size)")
-    _choice(train, "--warmup", choices=WARMUPS, default="none", help="warm-up shape")
-    train.add_argument("--warmup-epochs", type=float, default=None, help="length of the warm-up in epochs")
-    _choice(train, "--decay", choices=DECAYS, default="constant", help="lr decay after the warm-up")
-    train.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step (<= batch size)")
-    train.add_argument("--clip-grad-norm", type=float, default=None, help="clip the gradient norm to this")
-    _choice(train, "--precision", choices=PRECISIONS, default="auto", help="number format of the forward pass")
-    train.add_argument("--device", metavar="DEVICE", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    train.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch order")
+    for name in train_options():
+        _option_flag(train, name, default=TRAIN_DEFAULTS.get(name))
     train.add_argument("--threads", type=int, default=None, help="torch CPU threads, >= 1 (none: torch's choice)")
     train.add_argument("--save", metavar="PATH", default=None, help="write a checkpoint to this file at the end")
     train.add_argument("--csv", metavar="PATH", default=None, help="write the per-step history as CSV to this file")
@@ -185,14 +215,14 @@ def _add_sweep_parser(sub) -> None:
     sw.add_argument("--lrs", default=None, help="learning-rate grid tried at every batch size, e.g. 0.05,0.1,0.2 "
                     "(none: --lr scaled by --scale-rule, times --lr-factors)")
     sw.add_argument("--lr", type=float, default=0.05, help="lr at the smallest batch size, scaled by --scale-rule")
-    _choice(sw, "--scale-rule", choices=SCALE_RULES, default="sqrt", help="how the lr scales with the batch size")
+    _option_flag(sw, "scale_rule", default="sqrt", help="how the lr scales with the batch size")
     sw.add_argument("--lr-factors", default="1,2", help="multipliers of the scaled lr tried per batch size")
     sw.add_argument("--max-steps", type=int, default=1500, help="step budget of each run")
     sw.add_argument("--max-examples", type=int, default=150_000, help="example budget of each run (0: none)")
-    _choice(sw, "--optimizer", choices=OPTIMIZERS, default="momentum", help="optimizer")
+    _option_flag(sw, "optimizer", default="momentum", help="optimizer")
     sw.add_argument("--no-noise-scale", action="store_true", help="skip measuring B_simple at the target")
     sw.add_argument("--figure", metavar="PATH", default="nbbatch_sweep.png", help="write the figure to this file ('' for none)")
-    sw.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch order")
+    _option_flag(sw, "seed", help="seed of the weights and the batch order")
     sw.add_argument("--threads", type=int, default=None, help="torch CPU threads, >= 1 (none: torch's choice)")
 
 
@@ -275,11 +305,7 @@ def train(args: argparse.Namespace, out=None) -> int:
     kwargs = {"num_samples": args.num_samples} if args.num_samples and args.dataset == "mnist1d" else {}
     bundle = datasets.load_dataset(args.dataset, **kwargs)
     model = make_model(args.model, bundle, norm=args.norm)
-    trainer = Trainer(model, bundle, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-                      momentum=args.momentum, weight_decay=args.weight_decay, scale_rule=args.scale_rule,
-                      base_batch_size=args.base_batch_size, warmup=args.warmup, warmup_epochs=args.warmup_epochs,
-                      decay=args.decay, accumulate=args.accumulate, clip_grad_norm=args.clip_grad_norm,
-                      precision=args.precision, device=args.device, seed=args.seed)
+    trainer = Trainer(model, bundle, **config_options(args))
     if not trainer.is_main_process:   # data-parallel under torchrun: rank 0 prints and writes
         out = io.StringIO()
     print(f"# {bundle.description}", file=out)

@@ -39,6 +39,8 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
+from .checks import check_int
+
 __all__ = [
     "DATASETS",
     "DataBundle",
@@ -180,15 +182,6 @@ class DataBundle:
 # ---------------------------------------------------------------------------
 
 
-def _check_int(name: str, value: Any, minimum: int = 1) -> int:
-    # bool is an Integral; True as a sample count is a bug, not a 1.
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def _check_float(name: str, value: Any, low: float, high: float, *, low_open: bool, high_open: bool) -> float:
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
@@ -202,7 +195,7 @@ def _check_float(name: str, value: Any, low: float, high: float, *, low_open: bo
 
 
 def _check_seed(value: Any) -> int:
-    return _check_int("seed", value, minimum=0)
+    return check_int("seed", value, minimum=0)
 
 
 def _describe(name: str, x_train: torch.Tensor, x_test: torch.Tensor, num_classes: Optional[int]) -> str:
@@ -324,7 +317,7 @@ def mnist1d(
         >>> mnist1d(num_samples=1000).n_train
         800
     """
-    num_samples = _check_int("num_samples", num_samples, minimum=10)
+    num_samples = check_int("num_samples", num_samples, minimum=10)
     train_split = _check_float("train_split", train_split, 0.0, 1.0, low_open=True, high_open=True)
     seed = _check_seed(seed)
     total = 10 * (num_samples // 10)
@@ -430,9 +423,9 @@ def linear_regression(
         >>> data.info["w_true"].shape
         torch.Size([5])
     """
-    n_train = _check_int("n_train", n_train)
-    n_test = _check_int("n_test", n_test)
-    dim = _check_int("dim", dim)
+    n_train = check_int("n_train", n_train)
+    n_test = check_int("n_test", n_test)
+    dim = check_int("dim", dim)
     noise = _check_float("noise", noise, 0.0, math.inf, low_open=False, high_open=True)
     seed = _check_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -483,11 +476,11 @@ def teacher_student(
         >>> teacher_student(n_train=512, n_test=128)
         teacher_student: 512 train / 128 test, 20 features, 10 classes
     """
-    n_train = _check_int("n_train", n_train)
-    n_test = _check_int("n_test", n_test)
-    dim = _check_int("dim", dim)
-    num_classes = _check_int("num_classes", num_classes, minimum=2)
-    hidden = _check_int("hidden", hidden)
+    n_train = check_int("n_train", n_train)
+    n_test = check_int("n_test", n_test)
+    dim = check_int("dim", dim)
+    num_classes = check_int("num_classes", num_classes, minimum=2)
+    hidden = check_int("hidden", hidden)
     seed = _check_seed(seed)
     g = torch.Generator().manual_seed(seed)
     # 1/sqrt(fan_in) scales keep pre-activations O(1): tanh neither saturates nor
@@ -680,7 +673,7 @@ def idx_dataset(
     if missing:
         raise FileNotFoundError("idx_dataset could not find: " + "; ".join(missing))
     if num_classes is not None:
-        num_classes = _check_int("num_classes", num_classes)
+        num_classes = check_int("num_classes", num_classes)
 
     x_train = _images_to_float(read_idx(paths["train_images"]), paths["train_images"])
     y_train = _labels_to_int(read_idx(paths["train_labels"]), paths["train_labels"])

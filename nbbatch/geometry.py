@@ -27,10 +27,11 @@ import math
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
-
-from .checks import check_positive_int
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .checks import check_positive_int
+from .losses import accuracy, resolve_loss
 
 __all__ = ["DistanceFromInit", "distance_from", "hessian_top_eigenvalue", "interpolate", "sharpness"]
 
@@ -174,7 +175,7 @@ def _lanczos_top(matvec: Callable, start: torch.Tensor, budget: int, tol: float,
     return theta, y, used, False
 
 
-def hessian_top_eigenvalue(model: nn.Module, data, loss_fn: Callable = F.cross_entropy, *, iters: int = 100,
+def hessian_top_eigenvalue(model: nn.Module, data, loss="cross_entropy", *, iters: int = 100,
                            tol: float = 1e-4, batch_size: int = 4096, seed: int = 0, start=None,
                            restarts: int = 1) -> float:
     """Largest-magnitude eigenvalue of the Hessian of the mean loss, by Lanczos iteration.
@@ -198,7 +199,7 @@ def hessian_top_eigenvalue(model: nn.Module, data, loss_fn: Callable = F.cross_e
     Args:
         model: the network (its weights, buffers and mode are left as they were).
         data: ``(x, y)`` tensors, a TensorDataset or a DataBundle (training split).
-        loss_fn: ``loss_fn(output, target)`` returning a batch mean.
+        loss: ``"cross_entropy"``, ``"mse"`` or a callable ``loss(output, target)`` returning a batch mean.
         iters: most Hessian-vector products in all, >= 1.
         tol: relative residual at which to stop, > 0.
         batch_size: examples per chunk (memory only; the result does not depend on it).
@@ -216,6 +217,7 @@ def hessian_top_eigenvalue(model: nn.Module, data, loss_fn: Callable = F.cross_e
         True
     """
     params = _check_model(model)
+    loss_fn = resolve_loss(loss)
     x, y = _as_xy(data)
     check_positive_int("iters", iters)
     _check_positive("tol", tol)
@@ -276,8 +278,8 @@ def hessian_top_eigenvalue(model: nn.Module, data, loss_fn: Callable = F.cross_e
 
 
 # ---------------------------------------------------------------------- sharpness
-def sharpness(model: nn.Module, data, loss_fn: Callable = F.cross_entropy, *, eps: float = 1e-3,
-              steps: int = 20, step_size: float | None = None, batch_size: int = 4096,
+def sharpness(model: nn.Module, data, loss="cross_entropy", *, eps: float = 1e-3,
+              iters: int = 20, step_size: float | None = None, batch_size: int = 4096,
               seed: int = 0) -> dict[str, float]:
     """Keskar et al.'s eps-sharpness: ``100 * (max_{z in C} f(w + z) - f(w)) / (1 + f(w))``.
 
@@ -290,10 +292,10 @@ def sharpness(model: nn.Module, data, loss_fn: Callable = F.cross_entropy, *, ep
         model: the network at the solution (weights, buffers and mode are restored).
         data: ``(x, y)`` tensors, a TensorDataset or a DataBundle (training split); Keskar et
             al. measure on the training set.
-        loss_fn: ``loss_fn(output, target)`` returning a batch mean.
+        loss: ``"cross_entropy"``, ``"mse"`` or a callable ``loss(output, target)`` returning a batch mean.
         eps: relative radius of the box, > 0 (Keskar et al. report 1e-3 and 5e-4).
-        steps: ascent steps, >= 1.
-        step_size: step as a fraction of the box's half-width, > 0; default ``2.5 / steps``.
+        iters: ascent iterations, >= 1.
+        step_size: step as a fraction of the box's half-width, > 0; default ``2.5 / iters``.
         batch_size: examples per chunk (memory only).
         seed: seed of the random start in the box.
 
@@ -309,10 +311,11 @@ def sharpness(model: nn.Module, data, loss_fn: Callable = F.cross_entropy, *, ep
         True
     """
     params = _check_model(model)
+    loss_fn = resolve_loss(loss)
     x, y = _as_xy(data)
     _check_positive("eps", eps)
-    check_positive_int("steps", steps)
-    alpha = 2.5 / steps if step_size is None else _check_positive("step_size", step_size)
+    check_positive_int("iters", iters)
+    alpha = 2.5 / iters if step_size is None else _check_positive("step_size", step_size)
     check_positive_int("batch_size", batch_size)
     device = _device(params)
     original = [p.detach().clone() for p in params]
@@ -325,7 +328,7 @@ def sharpness(model: nn.Module, data, loss_fn: Callable = F.cross_entropy, *, ep
             with torch.no_grad():
                 base = _mean_metrics(model, x, y, loss_fn, {}, batch_size, device)["loss"]
             best = base
-            for _ in range(steps):
+            for _ in range(iters):
                 with torch.no_grad():
                     for p, w, dz in zip(params, original, z):
                         p.copy_(w + dz)
@@ -357,7 +360,7 @@ def _state_of(weights, name: str) -> dict:
 
 
 def interpolate(model: nn.Module, w1, w2, data, eval_data=None, *, alphas: Sequence[float] | None = None,
-                loss_fn: Callable = F.cross_entropy, metrics: Mapping[str, Callable] | None = None,
+                loss="cross_entropy", metrics: Mapping[str, Callable] | None = None,
                 batch_size: int = 4096) -> dict[str, list]:
     """Loss and metrics of ``model`` with weights ``a * w1 + (1 - a) * w2`` for each ``a`` in ``alphas``.
 
@@ -373,7 +376,7 @@ def interpolate(model: nn.Module, w1, w2, data, eval_data=None, *, alphas: Seque
             used as ``eval_data`` unless one is given.
         eval_data: a second set, reported as ``test_*`` columns (optional).
         alphas: the values of ``a``; default 31 points evenly spaced on [-1, 2].
-        loss_fn: ``loss_fn(output, target)`` returning a batch mean.
+        loss: ``"cross_entropy"``, ``"mse"`` or a callable ``loss(output, target)`` returning a batch mean.
         metrics: ``{name: fn(output, target) -> batch mean}``; default accuracy with cross-entropy.
         batch_size: examples per evaluation chunk.
 
@@ -388,6 +391,7 @@ def interpolate(model: nn.Module, w1, w2, data, eval_data=None, *, alphas: Seque
         ([0.0, 0.5, 1.0], ['alpha', 'train_accuracy', 'train_loss'])
     """
     params = _check_model(model)
+    loss_fn = resolve_loss(loss)
     if eval_data is None and hasattr(data, "x_test") and getattr(data, "x_test", None) is not None and len(data.x_test):
         eval_data = (data.x_test, data.y_test)
     sets = {"train": _as_xy(data)}
@@ -398,7 +402,7 @@ def interpolate(model: nn.Module, w1, w2, data, eval_data=None, *, alphas: Seque
         raise ValueError(f"alphas must be a non-empty sequence of finite numbers, got {alphas!r}")
     check_positive_int("batch_size", batch_size)
     if metrics is None:
-        metrics = {"accuracy": _accuracy} if loss_fn is F.cross_entropy else {}
+        metrics = {"accuracy": accuracy} if loss_fn is F.cross_entropy else {}
     s1, s2 = _state_of(w1, "w1"), _state_of(w2, "w2")
     own = model.state_dict()
     for name, s in (("w1", s1), ("w2", s2)):
@@ -420,10 +424,6 @@ def interpolate(model: nn.Module, w1, w2, data, eval_data=None, *, alphas: Seque
         finally:
             model.load_state_dict(saved)
     return out
-
-
-def _accuracy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return (output.argmax(dim=-1) == target).float().mean()
 
 
 # ---------------------------------------------------------------------- distance from init

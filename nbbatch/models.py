@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from torch import nn
 
+from .checks import check_int
+
 if TYPE_CHECKING:  # imported for annotations only; models.py never loads data
     from nbbatch.data import DataBundle
 
@@ -32,15 +34,6 @@ ACTIVATIONS = {
     "sigmoid": nn.Sigmoid,
     "leaky_relu": nn.LeakyReLU,
 }
-
-
-def _check_positive_int(name: str, value: Any) -> int:
-    # bool is an Integral; MLP(True) is a bug, not MLP(1).
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a positive int, got {value!r} ({type(value).__name__})")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
 
 
 def _check_sizes(name: str, value: Any) -> tuple:
@@ -100,13 +93,13 @@ def make_norm(kind: Optional[str], num_features: int, *, dims: int = 1, groups: 
         LayerNorm((100,), eps=1e-05, elementwise_affine=True, bias=True)
     """
     kind = _check_norm(kind)
-    num_features = _check_positive_int("num_features", num_features)
+    num_features = check_int("num_features", num_features)
     if isinstance(dims, bool) or dims not in (1, 2, 3):
         raise ValueError(f"dims must be 1 for (N, C), 2 for (N, C, L) or 3 for (N, C, H, W) inputs, got {dims!r}")
     if groups is not None:
         if kind != "group":
             raise ValueError(f"groups is only used with norm='group', got groups={groups!r} with norm={kind!r}")
-        groups = _check_positive_int("groups", groups)
+        groups = check_int("groups", groups)
         if num_features % groups:
             raise ValueError(f"groups must divide num_features={num_features}, got groups={groups}")
     if kind == "none":
@@ -172,9 +165,9 @@ class MLP(_SequentialModel):
         activation: str = "relu",
         dropout: float = 0.0,
     ) -> None:
-        in_features = _check_positive_int("in_features", in_features)
+        in_features = check_int("in_features", in_features)
         hidden = _check_sizes("hidden", hidden)
-        num_classes = _check_positive_int("num_classes", num_classes)
+        num_classes = check_int("num_classes", num_classes)
         norm = _check_norm(norm)
         _make_activation(activation)  # validate before building anything
         if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
@@ -239,11 +232,11 @@ class CNN1d(_SequentialModel):
         num_classes: int = 10,
         norm: str = "none",
     ) -> None:
-        in_length = _check_positive_int("in_length", in_length)
+        in_length = check_int("in_length", in_length)
         channels = _check_sizes("channels", channels)
         if not channels:
             raise ValueError(f"channels must name at least one conv layer, got {channels!r}")
-        num_classes = _check_positive_int("num_classes", num_classes)
+        num_classes = check_int("num_classes", num_classes)
         norm = _check_norm(norm)
 
         layers: list[nn.Module] = [_AddChannel()]

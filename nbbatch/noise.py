@@ -217,11 +217,11 @@ class OnlineNoiseScale:
         g2, tr = two_batch_estimate(s, b, b_small, b_big, self.population)
         return {"noise_grad_sq": g2, "noise_trace": tr, "b_simple": self.ema.update(g2, tr)}
 
-    def rebuild(self, steps) -> None:
-        """Recompute the EMA from a History's step table (after loading a checkpoint)."""
+    def rebuild(self, table) -> None:
+        """Recompute the EMA from a History's step table ``history.steps`` (after loading a checkpoint)."""
         self.ema = NoiseScaleEMA(self.ema.smoothing)
-        if "noise_grad_sq" in steps:
-            for g2, tr in zip(steps["noise_grad_sq"], steps["noise_trace"]):
+        if "noise_grad_sq" in table:
+            for g2, tr in zip(table["noise_grad_sq"], table["noise_trace"]):
                 if g2 is not None:
                     self.ema.update(g2, tr)
 

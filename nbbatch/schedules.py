@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import check_positive_int
+
 WARMUPS = ("none", "linear", "gradual", "constant")
 DECAYS = ("constant", "cosine", "step", "linear")
 SCALE_RULES = ("none", "linear", "sqrt")
@@ -37,15 +39,45 @@ def scale_lr(lr: float, batch_size: int, base_batch_size: int, rule: str = "line
     """
     if rule not in SCALE_RULES:
         raise ValueError(f"scale_rule={rule!r} is not known; use one of {SCALE_RULES}")
-    for name, value in (("batch_size", batch_size), ("base_batch_size", base_batch_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("base_batch_size", base_batch_size)
     k = batch_size / base_batch_size
     if rule == "linear":
         return lr * k
     if rule == "sqrt":
         return lr * math.sqrt(k)
     return lr
+
+
+def length_in_steps(steps: int | None, epochs: float | None, steps_per_epoch: int) -> int | None:
+    """A length given as ``steps`` or ``epochs`` in optimizer steps; None when neither is given.
+
+    Epochs round to the nearest step, and a length of more than zero epochs is at least one
+    step (``TrainConfig`` and ``fit`` check that at most one of the two is given).
+
+    Example:
+        >>> length_in_steps(None, 2.5, 40), length_in_steps(None, 0.001, 40), length_in_steps(7, None, 40)
+        (100, 1, 7)
+    """
+    if steps is not None:
+        return steps
+    if epochs is not None:
+        return max(int(round(epochs * steps_per_epoch)), 1 if epochs > 0 else 0)
+    return None
+
+
+def check_warmup_fits(warmup_steps: int, run_steps: int | None) -> None:
+    """Raise ValueError when a warm-up of ``warmup_steps`` is longer than a run of ``run_steps``.
+
+    Example:
+        >>> check_warmup_fits(10, 4)
+        Traceback (most recent call last):
+        ...
+        ValueError: the warm-up (10 steps) is longer than the run (4 steps); shorten warmup_steps/warmup_epochs or train longer
+    """
+    if run_steps is not None and warmup_steps > run_steps:
+        raise ValueError(f"the warm-up ({warmup_steps} steps) is longer than the run ({run_steps} steps); "
+                         f"shorten warmup_steps/warmup_epochs or train longer")
 
 
 def warmup_factor(step: int, kind: str, warmup_steps: int, start: float) -> float:
@@ -68,11 +100,11 @@ def warmup_factor(step: int, kind: str, warmup_steps: int, start: float) -> floa
 
 
 def decay_factor(step: int, kind: str, *, warmup_steps: int = 0, total_steps: int | None = None,
-                 every: int | None = None, gamma: float = 0.1, min_factor: float = 0.0) -> float:
+                 decay_steps: int | None = None, decay_gamma: float = 0.1, min_lr_factor: float = 0.0) -> float:
     """Multiplier of the peak learning rate at ``step`` after warm-up.
 
-    ``"cosine"`` and ``"linear"`` fall from 1 at ``warmup_steps`` to ``min_factor`` at
-    ``total_steps`` and stay there; ``"step"`` multiplies by ``gamma`` every ``every`` steps,
+    ``"cosine"`` and ``"linear"`` fall from 1 at ``warmup_steps`` to ``min_lr_factor`` at
+    ``total_steps`` and stay there; ``"step"`` multiplies by ``decay_gamma`` every ``decay_steps`` steps,
     counted from step 0 (Goyal et al. divide at fixed epochs); ``"constant"`` is 1.
 
     Example:
@@ -82,13 +114,13 @@ def decay_factor(step: int, kind: str, *, warmup_steps: int = 0, total_steps: in
     if kind == "constant":
         return 1.0
     if kind == "step":
-        return gamma ** (step // every)
+        return decay_gamma ** (step // decay_steps)
     if kind in ("cosine", "linear"):
         span = total_steps - warmup_steps
         progress = min(max(step - warmup_steps, 0) / span, 1.0) if span > 0 else 1.0
         if kind == "cosine":
-            return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-        return 1.0 - (1.0 - min_factor) * progress
+            return min_lr_factor + (1.0 - min_lr_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - (1.0 - min_lr_factor) * progress
     raise ValueError(f"decay={kind!r} is not known; use one of {DECAYS}")
 
 
@@ -102,10 +134,13 @@ class Schedule:
         warmup_steps: length of the warm-up in optimizer steps.
         warmup_start: fraction of ``peak_lr`` at step 0 of the warm-up.
         decay: ``"constant"``, ``"cosine"``, ``"step"`` or ``"linear"``.
-        total_steps: where cosine/linear decay reach ``min_factor`` (required for them).
-        decay_every: steps between two ``"step"`` decays (required for it).
+        total_steps: where cosine/linear decay reach ``min_lr_factor`` (required for them).
+        decay_steps: steps between two ``"step"`` decays (required for it).
         decay_gamma: factor of each ``"step"`` decay.
-        min_factor: floor of cosine/linear decay, as a fraction of ``peak_lr``.
+        min_lr_factor: floor of cosine/linear decay, as a fraction of ``peak_lr``.
+
+    The names are ``TrainConfig``'s, whose epochs-or-steps options ``length_in_steps`` turns
+    into these steps.
 
     Example:
         >>> s = Schedule(0.4, warmup="linear", warmup_steps=4, warmup_start=0.25,
@@ -120,9 +155,9 @@ class Schedule:
     warmup_start: float = 0.1
     decay: str = "constant"
     total_steps: int | None = None
-    decay_every: int | None = None
+    decay_steps: int | None = None
     decay_gamma: float = 0.1
-    min_factor: float = 0.0
+    min_lr_factor: float = 0.0
 
     def __post_init__(self):
         if not (isinstance(self.peak_lr, (int, float)) and math.isfinite(self.peak_lr) and self.peak_lr >= 0):
@@ -143,23 +178,22 @@ class Schedule:
         if self.total_steps is not None:
             if not isinstance(self.total_steps, int) or self.total_steps < 1:
                 raise ValueError(f"total_steps must be a positive int, got {self.total_steps!r}")
-            if self.warmup != "none" and self.warmup_steps > self.total_steps:
-                raise ValueError(f"the warm-up ({self.warmup_steps} steps) is longer than the run "
-                                 f"({self.total_steps} steps); shorten the warm-up or train longer")
-        if self.decay == "step" and (not isinstance(self.decay_every, int) or self.decay_every < 1):
-            raise ValueError(f"decay='step' needs decay_every as a positive number of steps, got {self.decay_every!r}")
+            if self.warmup != "none":
+                check_warmup_fits(self.warmup_steps, self.total_steps)
+        if self.decay == "step" and (not isinstance(self.decay_steps, int) or self.decay_steps < 1):
+            raise ValueError(f"decay='step' needs decay_steps as a positive number of steps, got {self.decay_steps!r}")
         if not 0.0 < self.decay_gamma <= 1.0:
             raise ValueError(f"decay_gamma must lie in (0, 1], got {self.decay_gamma!r}")
-        if not 0.0 <= self.min_factor <= 1.0:
-            raise ValueError(f"min_lr_factor must lie in [0, 1], got {self.min_factor!r}")
+        if not 0.0 <= self.min_lr_factor <= 1.0:
+            raise ValueError(f"min_lr_factor must lie in [0, 1], got {self.min_lr_factor!r}")
 
     def factor(self, step: int) -> float:
         """The multiplier of ``peak_lr`` at ``step``."""
         if step < self.warmup_steps and self.warmup != "none":
             return warmup_factor(step, self.warmup, self.warmup_steps, self.warmup_start)
         return decay_factor(step, self.decay, warmup_steps=self.warmup_steps if self.warmup != "none" else 0,
-                            total_steps=self.total_steps, every=self.decay_every, gamma=self.decay_gamma,
-                            min_factor=self.min_factor)
+                            total_steps=self.total_steps, decay_steps=self.decay_steps,
+                            decay_gamma=self.decay_gamma, min_lr_factor=self.min_lr_factor)
 
     def __call__(self, step: int) -> float:
         return self.peak_lr * self.factor(step)

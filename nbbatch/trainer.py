@@ -24,7 +24,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from .batching import DatasetBatches, LoaderBatches, TensorBatches, as_tensors
-from .config import TrainConfig, check_length
+from .config import RESCHEDULE_OPTIONS, TrainConfig, check_length  # RESCHEDULE_OPTIONS: also importable from here
 from .data import load_dataset
 from .device import autocast_context, peak_memory_bytes, reset_peak_memory, resolve_device, resolve_precision
 from .distributed import StopAgreed
@@ -35,14 +35,11 @@ from .noise import OnlineNoiseScale, squared_grad_norm
 from .norms import bn_layers, warn_accumulation_with_bn
 from .optim import ADAM_EPS, LAMB, LAMB_EPS, LARS, add_gradient_noise, gradient_noise_std, layerwise_groups
 from .recompute import checkpointed
-from .schedules import Schedule, scale_lr
+from .schedules import Schedule, check_warmup_fits, length_in_steps, scale_lr
 
 EVENTS = ("fit_start", "step_end", "eval_end", "fit_end")
 CHECKPOINT_VERSION = 1
 DEFAULT_UNTIL_EPOCHS = 100
-RESCHEDULE_OPTIONS = ("lr", "scale_rule", "base_batch_size", "warmup", "warmup_steps", "warmup_epochs",
-                      "warmup_start", "decay", "total_steps", "total_epochs", "decay_steps", "decay_epochs",
-                      "decay_gamma", "min_lr_factor")
 
 
 class DivergenceError(RuntimeError):
@@ -407,11 +404,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ schedule
     def _steps(self, steps: int | None, epochs: float | None) -> int | None:
-        if steps is not None:
-            return steps
-        if epochs is not None:
-            return max(int(round(epochs * self.steps_per_epoch)), 1 if epochs > 0 else 0)
-        return None
+        return length_in_steps(steps, epochs, self.steps_per_epoch)
 
     def _build_schedule(self, horizon: int | None) -> Schedule:
         cfg = self.config
@@ -421,10 +414,12 @@ class Trainer:
             k = self.peak_lr / cfg.lr if cfg.lr > 0 else 1.0
             start = 1.0 / k if k > 1.0 else 0.1
         total = self._steps(cfg.total_steps, cfg.total_epochs) or horizon
-        return Schedule(self.peak_lr, warmup=cfg.warmup, warmup_steps=warmup_steps if cfg.warmup != "none" else 0,
-                        warmup_start=start, decay=cfg.decay, total_steps=total,
-                        decay_every=self._steps(cfg.decay_steps, cfg.decay_epochs), decay_gamma=cfg.decay_gamma,
-                        min_factor=cfg.min_lr_factor)
+        schedule = Schedule(self.peak_lr, warmup=cfg.warmup, warmup_steps=warmup_steps if cfg.warmup != "none" else 0,
+                            warmup_start=start, decay=cfg.decay, total_steps=total,
+                            decay_steps=self._steps(cfg.decay_steps, cfg.decay_epochs), decay_gamma=cfg.decay_gamma,
+                            min_lr_factor=cfg.min_lr_factor)
+        check_warmup_fits(schedule.warmup_steps, horizon)   # the run's length, which total_steps may exceed
+        return schedule
 
     def _get_schedule(self, horizon: int | None = None) -> Schedule:
         if self._schedule is None:

@@ -186,3 +186,63 @@ def test_table_rows_pass_above_a_progress_bar(tmp_path, monkeypatch, capsys):
     assert rows[2].split()[0] == "epoch" and [r.split()[0] for r in rows[3:5]] == ["1.00", "2.00"]
     assert "%|" not in out                               # no bar fragment in the table
     assert "B=128 momentum lr=0.05" in err and "loss" in err and "24/24" in err   # the labelled bar, on stderr
+
+
+# ---------------------------------------------------------------------- flags made from TrainConfig's options
+def test_train_has_a_flag_for_every_option_a_command_line_can_give_with_its_default_in_help():
+    from nbbatch.config import OPTIONS, TrainConfig
+
+    sub = _subparser("train")
+    text = " ".join(sub.format_help().split())
+    flags = {a.dest: a for a in sub._actions if a.option_strings}
+    internal = [name for name, o in OPTIONS.items() if o.type is None]
+    assert internal == ["metrics"]                       # a mapping of callables: Python only
+    defaults = TrainConfig()
+    for name in cli.train_options():
+        action = flags[name]
+        assert action.option_strings == ["--" + name.replace("_", "-")]
+        default = cli.TRAIN_DEFAULTS.get(name, getattr(defaults, name))
+        assert action.default == default, name
+        shown = "none" if default is None else default
+        assert f"(default: {shown})" in text, name
+        if OPTIONS[name].choices:
+            assert tuple(action.choices) == OPTIONS[name].choices
+
+
+def test_the_default_flags_give_trainconfigs_defaults_except_the_cli_ones():
+    from nbbatch.config import TrainConfig
+
+    args = cli.build_parser().parse_args(["train"])
+    assert TrainConfig(**cli.config_options(args)) == TrainConfig(**cli.TRAIN_DEFAULTS)
+
+
+def test_every_flag_reaches_the_config():
+    from nbbatch.config import TrainConfig
+
+    args = cli.build_parser().parse_args([
+        "train", "--warmup", "gradual", "--warmup-steps", "30", "--decay", "step", "--decay-epochs", "2.5",
+        "--decay-gamma", "0.5", "--betas", "0.8", "0.99", "--drop-last", "--data-on-device", "false",
+        "--loss", "cross_entropy", "--noise-scale-every", "10", "--adapt-all", "yes", "--optimizer", "lamb"])
+    cfg = TrainConfig(**cli.config_options(args))
+    assert (cfg.warmup, cfg.warmup_steps, cfg.decay, cfg.decay_epochs, cfg.decay_gamma) == ("gradual", 30, "step", 2.5, 0.5)
+    assert cfg.betas == (0.8, 0.99) and cfg.drop_last is True and cfg.data_on_device is False
+    assert cfg.noise_scale_every == 10 and cfg.adapt_all is True and cfg.optimizer == "lamb"
+
+
+@pytest.mark.parametrize("flag", ["--optimizer", "--precision", "--warmup", "--decay", "--scale-rule", "--loss"])
+def test_choice_flags_list_the_same_choices_in_help_and_error(flag, capsys):
+    from nbbatch.config import OPTIONS
+
+    choices = OPTIONS[flag[2:].replace("-", "_")].choices
+    help_text = " ".join(_subparser("train").format_help().split())
+    assert f"{flag} NAME" in help_text and "(one of: " + ", ".join(choices) + ")" in help_text
+    with pytest.raises(SystemExit):
+        cli.main(["train", flag, "nope"])
+    err = capsys.readouterr().err
+    assert "choose from " + ", ".join(map(repr, choices)) in err
+
+
+def test_a_bad_boolean_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--drop-last", "maybe"])
+    assert "expected true or false, got 'maybe'" in capsys.readouterr().err

@@ -99,7 +99,7 @@ def test_sharpness_at_the_minimum_of_a_quadratic_reaches_the_box_corner():
     eps = 1e-2
     r = eps * (c.abs() + 1)
     expected = 100 * float((a * r ** 2).sum()) / (1 + 0.0)
-    s = sharpness(model, dummy(), mean_out, eps=eps, steps=10)
+    s = sharpness(model, dummy(), mean_out, eps=eps, iters=10)
     assert s["loss"] == pytest.approx(0.0, abs=1e-12)
     assert s["sharpness"] == pytest.approx(expected, rel=1e-9)
     assert torch.equal(model.w.detach(), c.double())          # the weights are put back
@@ -110,7 +110,7 @@ def test_sharpness_of_a_linear_loss_is_the_l1_norm_over_the_box():
     model = Quadratic(torch.zeros(3), c, b)                   # f(w) = b . w = 6 + 1 + 1 = 8
     eps = 1e-3
     r = eps * (c.abs() + 1)
-    s = sharpness(model, dummy(), mean_out, eps=eps, steps=5)
+    s = sharpness(model, dummy(), mean_out, eps=eps, iters=5)
     assert s["loss"] == pytest.approx(8.0)
     assert s["max_loss"] == pytest.approx(8.0 + float((b.abs() * r).sum()), rel=1e-12)
     assert s["sharpness"] == pytest.approx(100 * float((b.abs() * r).sum()) / 9.0, rel=1e-9)
@@ -121,7 +121,7 @@ def test_sharpness_restores_the_network_and_is_nonnegative():
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
     x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
     state = copy.deepcopy(model.state_dict())
-    s = sharpness(model, (x, y), eps=1e-2, steps=3)
+    s = sharpness(model, (x, y), eps=1e-2, iters=3)
     assert s["sharpness"] >= 0 and s["max_loss"] >= s["loss"]
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())   # BN stats untouched too
     assert model.training
@@ -135,7 +135,7 @@ def test_interpolation_endpoints_and_quadratic_path():
     m1, m2, vessel = nn.Linear(5, 1), nn.Linear(5, 1), nn.Linear(5, 1)
     before = copy.deepcopy(vessel)
     alphas = [-1.0, 0.0, 0.5, 1.0, 2.0]
-    r = interpolate(vessel, m1, m2, (x, y), (xt, yt), alphas=alphas, loss_fn=mse)
+    r = interpolate(vessel, m1, m2, (x, y), (xt, yt), alphas=alphas, loss=mse)
     assert sorted(r) == ["alpha", "test_loss", "train_loss"]
     assert r["alpha"] == alphas
     for i, a in enumerate(alphas):
@@ -250,7 +250,8 @@ def test_distance_errors():
     (hessian_top_eigenvalue, {"batch_size": 0}, "batch_size"),
     (sharpness, {"eps": 0.0}, "eps"),
     (sharpness, {"eps": float("inf")}, "eps"),
-    (sharpness, {"steps": 0}, "steps"),
+    (sharpness, {"iters": 0}, "iters"),
+    (sharpness, {"loss": "l1"}, "loss=.l1. is not known"),
     (sharpness, {"step_size": -0.5}, "step_size"),
 ])
 def test_bad_arguments_name_the_parameter(fn, kwargs, match):
@@ -286,3 +287,21 @@ def test_cuda_geometry_matches_the_cpu():
     assert distance_from(gpu, model) == pytest.approx(0.0, abs=1e-6)
     r = interpolate(gpu, model, gpu, (x, y), alphas=[0.0, 1.0])
     assert r["train_loss"][0] == pytest.approx(r["train_loss"][1], rel=1e-4)
+
+
+def test_loss_is_a_name_or_a_callable_in_every_function():
+    """``loss=`` takes what TrainConfig's does: a name resolved by nbbatch.losses, or a callable."""
+    from nbbatch.losses import mse_loss
+
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 1), nn.Linear(4, 1)
+    x, y = torch.randn(30, 4), torch.randn(30)
+    by_name = interpolate(nn.Linear(4, 1), a, b, (x, y), alphas=[0.0, 1.0], loss="mse")
+    by_fn = interpolate(nn.Linear(4, 1), a, b, (x, y), alphas=[0.0, 1.0], loss=mse_loss)
+    assert by_name == by_fn and sorted(by_name) == ["alpha", "train_loss"]      # no accuracy for mse
+    assert by_name["train_loss"][1] == pytest.approx(F.mse_loss(a(x).squeeze(-1), y).item())
+    assert hessian_top_eigenvalue(a, (x, y), "mse", iters=30) == pytest.approx(
+        hessian_top_eigenvalue(a, (x, y), mse_loss, iters=30))
+    for fn, args in ((interpolate, (a, b, (x, y))), (sharpness, ((x, y),)), (hessian_top_eigenvalue, ((x, y),))):
+        with pytest.raises(ValueError, match="loss='l1' is not known"):
+            fn(nn.Linear(4, 1), *args, loss="l1")

@@ -17,9 +17,9 @@ from nbbatch.models import CNN1d, MLP, make_norm
 from nbbatch.norms import (
     BatchNormAccumulationWarning,
     BNStatsRecorder,
+    CONVERT_TARGETS,
     GhostBatchNorm1d,
     GhostBatchNorm2d,
-    NORM_KINDS,
     batch_stat_noise,
     batch_stats,
     bn_layers,
@@ -255,7 +255,7 @@ def test_convert_to_none_and_single_layer():
     assert isinstance(new, nn.GroupNorm) and new.num_groups == 2 and isinstance(layer, nn.BatchNorm1d)
 
 
-@pytest.mark.parametrize("to", NORM_KINDS)
+@pytest.mark.parametrize("to", CONVERT_TARGETS)
 def test_convert_single_layer_keeps_its_mode(to):
     for training in (True, False):
         layer = nn.BatchNorm1d(6).train(training)

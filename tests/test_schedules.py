@@ -29,13 +29,13 @@ def test_warmup_table(kind, expected):
 
 
 def test_decay_tables():
-    cos = [decay_factor(s, "cosine", warmup_steps=2, total_steps=6, min_factor=0.1) for s in range(8)]
+    cos = [decay_factor(s, "cosine", warmup_steps=2, total_steps=6, min_lr_factor=0.1) for s in range(8)]
     # progress p = (s-2)/4 -> 0.1 + 0.9 * (1 + cos(pi p)) / 2
     assert cos == pytest.approx([1.0, 1.0, 1.0, 0.1 + 0.9 * (1 + math.cos(math.pi / 4)) / 2, 0.55,
                                  0.1 + 0.9 * (1 + math.cos(3 * math.pi / 4)) / 2, 0.1, 0.1])
     lin = [decay_factor(s, "linear", total_steps=4) for s in range(6)]
     assert lin == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0, 0.0])
-    step = [decay_factor(s, "step", every=3, gamma=0.5) for s in range(10)]
+    step = [decay_factor(s, "step", decay_steps=3, decay_gamma=0.5) for s in range(10)]
     assert step == pytest.approx([1, 1, 1, 0.5, 0.5, 0.5, 0.25, 0.25, 0.25, 0.125])
     assert decay_factor(123, "constant") == 1.0
 
@@ -51,7 +51,7 @@ def test_decay_tables():
 ])
 def test_schedule_tables(warmup, decay, expected):
     s = Schedule(0.4, warmup=warmup, warmup_steps=3 if warmup != "none" else 0, warmup_start=0.25,
-                 decay=decay, total_steps=8, decay_every=4, decay_gamma=0.5)
+                 decay=decay, total_steps=8, decay_steps=4, decay_gamma=0.5)
     assert s.values(8) == pytest.approx(expected)
 
 
@@ -75,10 +75,10 @@ def test_schedule_is_pure_and_matches_torch_lambda_lr():
     ({"warmup": "linear", "warmup_steps": 0}, "needs a length"),
     ({"warmup": "linear", "warmup_steps": 10, "total_steps": 5}, r"warm-up \(10 steps\) is longer than the run \(5 steps\)"),
     ({"decay": "cosine"}, "needs total_steps"),
-    ({"decay": "step"}, "needs decay_every"),
+    ({"decay": "step"}, "needs decay_steps"),
     ({"warmup_start": 1.5}, "warmup_start"),
     ({"decay_gamma": 0.0}, "decay_gamma"),
-    ({"min_factor": -1}, "min_lr_factor"),
+    ({"min_lr_factor": -1}, "min_lr_factor"),
 ])
 def test_schedule_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):

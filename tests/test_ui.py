@@ -892,3 +892,31 @@ def test_a_live_panel_shows_empty_axes_before_the_first_train(small):
     p = TrainingPanel(data=small, epochs=1, values={"batch_size": 100})
     assert p.trainer is None and p.image.value[:4] == b"\x89PNG" and p.image.layout.display is None
     p.close()
+
+
+# ---------------------------------------------------------------------------- the panel's choices are TrainConfig's
+def test_the_panel_offers_only_choices_the_trainer_accepts(small):
+    from nbbatch.config import OPTIONS, RESCHEDULE_OPTIONS, TrainConfig
+    from nbbatch.ui import panel as panel_mod
+
+    p = TrainingPanel(data=small, headless=True, values={"batch_size": 4})
+    try:
+        assert set(panel_mod.LIVE) <= set(RESCHEDULE_OPTIONS)
+        assert not set(panel_mod.STRUCTURAL) & set(RESCHEDULE_OPTIONS)
+        assert set(panel_mod.LIVE) | set(panel_mod.STRUCTURAL) == set(panel_mod.DEFAULTS)
+        for name in ("optimizer", "precision"):
+            assert tuple(p.controls[name].options) == OPTIONS[name].choices
+        offered = {name: [v for _, v in w.options] if w.options and isinstance(w.options[0], tuple) else list(w.options)
+                   for name, w in p.controls.items() if hasattr(w, "options")}
+        for name, values in offered.items():
+            for value in values:
+                if name in OPTIONS:
+                    TrainConfig(**{name: value, "batch_size": max(value, 4) if name == "accumulate" else 64})
+                elif name == "model":
+                    assert value in models.MODELS
+                else:
+                    models.make_model("mlp", small, norm=value)
+        assert max(offered["accumulate"]) <= 4            # never more micro-batches than examples
+        assert p.check_settings() is None
+    finally:
+        p.close()

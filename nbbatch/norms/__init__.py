@@ -27,7 +27,7 @@ model's mode even when a batch fails.
 from __future__ import annotations
 
 from .accumulation import BatchNormAccumulationWarning, warn_accumulation_with_bn
-from .convert import NORM_KINDS, convert_norm
+from .convert import CONVERT_TARGETS, convert_norm
 from .ghost import REMAINDERS, GhostBatchNorm1d, GhostBatchNorm2d
 from .layers import bn_layers, norm_layers
 from .precise import precise_bn
@@ -37,9 +37,9 @@ __all__ = [
     "BNCheck",
     "BNStatsRecorder",
     "BatchNormAccumulationWarning",
+    "CONVERT_TARGETS",
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",
-    "NORM_KINDS",
     "REMAINDERS",
     "batch_stat_noise",
     "batch_stats",

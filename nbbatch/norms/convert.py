@@ -14,13 +14,14 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..checks import check_int
-from ..models import default_groups
+from ..models import NORMS, default_groups
 from .ghost import GHOST_OF, REMAINDERS, layer_factory
 from .layers import is_norm, norm_layers
 
-__all__ = ["NORM_KINDS", "convert_norm"]
+__all__ = ["CONVERT_TARGETS", "convert_norm"]
 
-NORM_KINDS = ("batch", "ghost", "group", "layer", "none")
+# what convert_norm converts to: the norms a model is built with (models.NORMS) and ghost batch norm
+CONVERT_TARGETS = (*NORMS, "ghost")
 
 
 def _channels(layer: nn.Module, name: str) -> int:
@@ -145,7 +146,7 @@ def convert_norm(model: nn.Module, to: str, *, virtual_batch_size: int = 32, gro
 
     Args:
         model: The model (or a single norm layer).
-        to: One of :data:`NORM_KINDS`.
+        to: One of :data:`CONVERT_TARGETS` (``models.NORMS`` and ``"ghost"``).
         virtual_batch_size: Examples per statistic for ``to="ghost"``.
         groups: Groups for ``to="group"``; must divide every converted layer's channels.
         remainder: Ghost BN's rule for a virtual batch that does not divide the batch.
@@ -167,8 +168,8 @@ def convert_norm(model: nn.Module, to: str, *, virtual_batch_size: int = 32, gro
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(to, str) or to.lower() not in NORM_KINDS:
-        raise ValueError(f"to must be one of {NORM_KINDS}, got {to!r}")
+    if not isinstance(to, str) or to.lower() not in CONVERT_TARGETS:
+        raise ValueError(f"to must be one of {CONVERT_TARGETS}, got {to!r}")
     to = to.lower()
     virtual_batch_size = check_int("virtual_batch_size", virtual_batch_size, 2)
     if remainder not in REMAINDERS:

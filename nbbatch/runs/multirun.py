@@ -288,8 +288,8 @@ class MultiRun:
             try:
                 out.append(Schedule(peak, warmup=c.warmup, warmup_steps=warmup_steps if c.warmup != "none" else 0,
                                     warmup_start=start, decay=c.decay, total_steps=total,
-                                    decay_every=self._steps(c.decay_steps, c.decay_epochs),
-                                    decay_gamma=c.decay_gamma, min_factor=c.min_lr_factor))
+                                    decay_steps=self._steps(c.decay_steps, c.decay_epochs),
+                                    decay_gamma=c.decay_gamma, min_lr_factor=c.min_lr_factor))
             except ValueError as err:
                 raise ValueError(f"run {len(out)}: {err}") from None
         return out

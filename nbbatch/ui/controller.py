@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from ..config import check_length
+from ..schedules import length_in_steps
 
 INTERLEAVE = ("steps", "time")
 
@@ -189,8 +190,7 @@ class RunController:
                     if end is None or end <= t.step_count:
                         raise ValueError("start needs epochs=... or steps=... (nothing to continue)")
                 else:
-                    n = steps if steps is not None else max(int(round(epochs * t.steps_per_epoch)), 1)
-                    end = t.step_count + n
+                    end = t.step_count + length_in_steps(steps, epochs, t.steps_per_epoch)
                 ends.append(end)
             if epochs is not None or steps is not None:
                 self.starts = [t.step_count for t in self.trainers]

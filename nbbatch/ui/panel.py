@@ -16,8 +16,8 @@ from typing import Any, Callable, Mapping
 import ipywidgets as widgets
 
 from .. import data as data_mod
-from ..config import OPTIMIZERS, TrainConfig
-from ..device import PRECISIONS, describe_device, process_peak_rss_bytes
+from ..config import OPTIONS, RESCHEDULE_OPTIONS, TrainConfig
+from ..device import describe_device, process_peak_rss_bytes
 from ..models import MODELS, NORMS
 from .compare import build_trainer
 from .controller import RunController
@@ -30,10 +30,12 @@ LR_GRID = tuple(float(f"{m}e{e}") for e in range(-5, 1) for m in (1, 1.5, 2, 3, 
 DEFAULT_EPOCHS = 15   # one Train: long enough to see the loss fall, short of overfitting mnist1d
 TEXT_REPR = ("nbbatch TrainingPanel (interactive controls: run this cell in Jupyter to show and use "
              "the panel; a saved notebook shows only this text)")
-LIVE = ("lr", "warmup_steps")                     # applied to the running trainer, next step
-STRUCTURAL = ("model", "norm", "batch_size", "optimizer", "accumulate", "precision")
 DEFAULTS = {"model": "mlp", "norm": "none", "batch_size": 64, "lr": 0.05, "warmup_steps": 0,
             "optimizer": "momentum", "accumulate": 1, "precision": "auto"}
+# The controls of options that may change while a run is live (TrainConfig declares which) apply
+# to the running trainer at its next step; the others start a new run.
+LIVE = tuple(name for name in DEFAULTS if name in RESCHEDULE_OPTIONS)
+STRUCTURAL = tuple(name for name in DEFAULTS if name not in LIVE)
 
 
 def _duration(seconds: float) -> str:
@@ -78,16 +80,16 @@ def default_builder(data=None, seed: int = 0, device: str = "auto", log_dir: str
     """
     cache = {}
 
-    def build(model="mlp", norm="none", batch_size=64, lr=0.05, warmup_steps=0, optimizer="momentum",
-              accumulate=1, precision="auto"):
+    def build(**values):
+        unknown = set(values) - set(DEFAULTS)
+        if unknown:
+            raise TypeError(f"build: unknown control(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
         if "data" not in cache:
             cache["data"] = data if data is not None else data_mod.mnist1d()
         extra = dict(options)
         if log_dir is not None:
             extra["log_dir"] = _next_run_dir(log_dir)
-        return build_trainer(cache["data"], seed=seed, model=model, norm=norm, batch_size=batch_size, lr=lr,
-                             optimizer=optimizer, accumulate=accumulate, precision=precision, device=device,
-                             warmup_steps=warmup_steps, **extra)
+        return build_trainer(cache["data"], seed=seed, device=device, **{**DEFAULTS, **values}, **extra)
 
     return build
 
@@ -218,10 +220,11 @@ class TrainingPanel:
         self._syncing = False
         self.warmup_w = W.IntSlider(value=v["warmup_steps"], min=0, max=max(500, v["warmup_steps"]), step=10,
                                     description="warm-up steps", style=style, layout=lay)
-        self.optimizer_w = W.Dropdown(options=OPTIMIZERS, value=v["optimizer"], description="optimizer", style=style, layout=lay)
+        # the choices TrainConfig declares, so the panel offers nothing the trainer refuses
+        self.optimizer_w = W.Dropdown(options=OPTIONS["optimizer"].choices, value=v["optimizer"], description="optimizer", style=style, layout=lay)
         self.accumulate_w = W.Dropdown(options=self._accumulate_options(v["batch_size"], v["accumulate"]),
                                        value=v["accumulate"], description="accumulate", style=style, layout=lay)
-        self.precision_w = W.Dropdown(options=PRECISIONS, value=v["precision"], description="precision", style=style, layout=lay)
+        self.precision_w = W.Dropdown(options=OPTIONS["precision"].choices, value=v["precision"], description="precision", style=style, layout=lay)
         self.controls = {"model": self.model_w, "norm": self.norm_w, "batch_size": self.batch_size_w, "lr": self.lr_w,
                          "warmup_steps": self.warmup_w, "optimizer": self.optimizer_w,
                          "accumulate": self.accumulate_w, "precision": self.precision_w}
