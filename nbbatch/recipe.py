@@ -274,12 +274,36 @@ def _knee(throughput: dict, min_gain: float, method: str) -> tuple[int | None, b
     return (max(below) if below else bs[0]), fitted < bs[-1]
 
 
+def _measure_rounds(model, x, y, sizes, options, timed_steps, rounds, time_budget_s, reasons) -> dict:
+    """Examples/s at each batch size: the best of ``rounds`` rounds over all sizes (round-robin).
+
+    On a shared machine a burst of other work slows whatever is timed during it: measured in rounds,
+    a burst spoils one round's point, and the best round (the least disturbed) is kept.
+    """
+    eps: dict[int, float] = {}
+    t0 = time.perf_counter()
+    for r in range(rounds):
+        for b in sizes:
+            if time_budget_s is not None and eps and time.perf_counter() - t0 > time_budget_s:
+                reasons.append(f"throughput: the time budget of {time_budget_s:g} s ended the measurement "
+                               f"in round {r + 1} of {rounds}, before B={b}.")
+                return eps
+            row = memory.measure(model, (x, y), [b], steps=timed_steps, **options).rows[0]
+            if row.get("oom"):
+                reasons.append(f"throughput: B={b} ran out of memory; larger batches were not measured.")
+                sizes = [s for s in sizes if s < b]
+                break
+            eps[b] = max(eps.get(b, 0.0), row["examples_per_s"])
+    return eps
+
+
 # ---------------------------------------------------------------------- the recipe
 def choose_batch_size(model_fn: Callable[[], nn.Module], data, *, budget: int | None = None,
                       candidates: Sequence[int] | None = None, lr: float = 0.05, optimizer: str = "momentum",
                       base_batch_size: int = 32, scale_rule: str = "linear", warmup_steps: int = 100,
                       noise_factor: float = 1.0, noise_sample: int | None = 4096, min_gain: float = 1.25,
-                      knee_method: str = "doubling", timed_steps: int = 10, time_budget_s: float | None = None,
+                      knee_method: str = "doubling", timed_steps: int = 10, rounds: int = 3,
+                      time_budget_s: float | None = None,
                       max_batch_size: int | None = None, throughput=None, noise_scale=None,
                       lr_find_steps: int = 0, seed: int = 0, **train_options) -> BatchSizeChoice:
     """Recommend a batch size from memory, throughput and gradient noise (the Tuning Playbook's recipe).
@@ -290,7 +314,8 @@ def choose_batch_size(model_fn: Callable[[], nn.Module], data, *, budget: int | 
        it (``nbbatch.memory.find_max_batch_size``, 5% margin, searched up to the data set size).
        Without one, memory is not a bound on the CPU; on CUDA the free device memory is the budget.
     2. **Throughput**: examples per second at each candidate up to the ceiling
-       (``nbbatch.memory.measure``, the median of ``timed_steps`` steps each, smallest first, stopping
+       (``nbbatch.memory.measure``, the median of ``timed_steps`` steps each; the best of ``rounds``
+       rounds over all the sizes, so a burst of other load spoils one round only), stopping
        when ``time_budget_s`` is spent), and the knee: the last batch size reached while every
        doubling still gave at least ``min_gain`` times the throughput. Beyond the knee a bigger batch
        no longer shortens training by enough to pay for it.
@@ -326,6 +351,7 @@ def choose_batch_size(model_fn: Callable[[], nn.Module], data, *, budget: int | 
         knee_method: ``"doubling"`` (walk the points, ``find_knee``) or ``"fit"`` (a fitted step-time
             line, ``fit_step_time``; less moved by one noisy point).
         timed_steps: timed steps per batch size (medians; >= 1).
+        rounds: rounds of the throughput measurement; each batch size keeps its best (>= 1).
         time_budget_s: seconds for the throughput measurement (None: every candidate).
         max_batch_size, throughput, noise_scale: evidence measured elsewhere, used instead of steps 1, 2
             or 3: an int; ``{batch_size: examples/s}`` or a ``MemoryReport``; a number or a ``NoiseScale``.
@@ -371,6 +397,8 @@ def choose_batch_size(model_fn: Callable[[], nn.Module], data, *, budget: int | 
         raise ValueError(f"knee_method must be one of {KNEE_METHODS}, got {knee_method!r}")
     if not is_int(timed_steps) or timed_steps < 1:
         raise ValueError(f"timed_steps must be a positive int, got {timed_steps!r}")
+    if not is_int(rounds) or rounds < 1:
+        raise ValueError(f"rounds must be a positive int, got {rounds!r}")
     time_budget_s = _check_number("time_budget_s", time_budget_s, allow_none=True)
     if max_batch_size is not None and (not is_int(max_batch_size) or max_batch_size < 1):
         raise ValueError(f"max_batch_size must be a positive int or None, got {max_batch_size!r}")
@@ -398,7 +426,7 @@ def choose_batch_size(model_fn: Callable[[], nn.Module], data, *, budget: int | 
     cuda_rng = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
     try:
         choice = _recipe(model_fn, x, y, cands, budget, options, device, seed, base_batch_size, warmup_steps,
-                         noise_factor, noise_sample, min_gain, knee_method, timed_steps, time_budget_s,
+                         noise_factor, noise_sample, min_gain, knee_method, timed_steps, rounds, time_budget_s,
                          max_batch_size, given_throughput, noise_scale, lr, scale_rule, lr_find_steps)
     finally:
         torch.set_rng_state(rng)
@@ -409,7 +437,7 @@ def choose_batch_size(model_fn: Callable[[], nn.Module], data, *, budget: int | 
 
 
 def _recipe(model_fn, x, y, cands, budget, options, device, seed, base_batch_size, warmup_steps, noise_factor,
-            noise_sample, min_gain, knee_method, timed_steps, time_budget_s, max_batch_size, given_throughput,
+            noise_sample, min_gain, knee_method, timed_steps, rounds, time_budget_s, max_batch_size, given_throughput,
             noise_scale, lr, scale_rule, lr_find_steps) -> BatchSizeChoice:
     n = len(x)
     reasons: list[str] = []
@@ -448,17 +476,8 @@ def _recipe(model_fn, x, y, cands, budget, options, device, seed, base_batch_siz
     else:
         model = model if model is not None else fresh_model()
         eps, sources["throughput"] = {}, "measured"
-        t_measure = time.perf_counter()
-        for b in [c for c in cands if c <= top]:
-            if time_budget_s is not None and eps and time.perf_counter() - t_measure > time_budget_s:
-                reasons.append(f"throughput: the time budget of {time_budget_s:g} s ended the measurement "
-                               f"after B={max(eps)}.")
-                break
-            row = memory.measure(model, (x, y), [b], steps=timed_steps, **options).rows[0]
-            if row.get("oom"):
-                reasons.append(f"throughput: B={b} ran out of memory; larger batches were not measured.")
-                break
-            eps[b] = row["examples_per_s"]
+        eps = _measure_rounds(model, x, y, [c for c in cands if c <= top], options, timed_steps, rounds,
+                              time_budget_s, reasons)
     knee, saturated = _knee(eps, min_gain, knee_method)
     if knee is not None:
         bs = sorted(eps)

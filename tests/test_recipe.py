@@ -140,6 +140,7 @@ def test_model_fn_must_build_a_module(xy):
     ({"min_gain": 1.0}, "min_gain"),
     ({"knee_method": "elbow"}, "knee_method"),
     ({"timed_steps": 0}, "timed_steps"),
+    ({"rounds": 0}, "rounds"),
     ({"time_budget_s": -1}, "time_budget_s"),
     ({"max_batch_size": 0}, "max_batch_size"),
     ({"throughput": {8: -1.0}}, "throughput"),
@@ -172,3 +173,25 @@ def test_bad_types(xy):
         choose_batch_size(tiny, xy, candidates=8)
     with pytest.raises(ValueError, match="throughput: this MemoryReport"):
         choose_batch_size(tiny, xy, throughput=memory.measure(tiny(), xy, [8, 16], steps=0, device="cpu"))
+
+
+def test_throughput_rounds_keep_the_least_disturbed_measurement(xy, monkeypatch):
+    # A stub device: throughput 1000 x min(B, 64), and a burst of other load that halves the first
+    # measurement of B=32. Measured round-robin, the burst spoils one round only.
+    calls = []
+
+    def fake_measure(model, data, batch_sizes, **kwargs):
+        (b,) = batch_sizes
+        calls.append(b)
+        slow = 0.5 if (b == 32 and calls.count(32) == 1) else 1.0
+        return memory.MemoryReport([{"batch_size": b, "examples_per_s": slow * 1000.0 * min(b, 64)}], "stub")
+
+    monkeypatch.setattr(memory, "measure", fake_measure)
+    common = dict(max_batch_size=128, noise_scale=1e6, candidates=[8, 16, 32, 64, 128], device="cpu")
+    one = choose_batch_size(tiny, xy, rounds=1, **common)
+    assert one.knee == 16 and one.batch_size == 16 and one.limited_by == "throughput"   # fooled by the burst
+    calls.clear()
+    three = choose_batch_size(tiny, xy, rounds=3, **common)
+    assert calls == [8, 16, 32, 64, 128] * 3                                            # round-robin
+    assert three.throughput == {b: 1000.0 * min(b, 64) for b in (8, 16, 32, 64, 128)}
+    assert three.knee == 64 and three.batch_size == 64
