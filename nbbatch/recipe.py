@@ -311,7 +311,8 @@ def choose_batch_size(model_fn: Callable[[], nn.Module], data, *, budget: int | 
     The steps, each recorded in the result's ``reasons``:
 
     1. **Memory ceiling**: with a ``budget`` (bytes), the largest batch whose real training step fits
-       it (``nbbatch.memory.find_max_batch_size``, 5% margin, searched up to the data set size).
+       it (``nbbatch.memory.find_max_batch_size``, 5% margin, searched up to the data set size, guided
+       by a line through two small trials).
        Without one, memory is not a bound on the CPU; on CUDA the free device memory is the budget.
     2. **Throughput**: examples per second at each candidate up to the ceiling
        (``nbbatch.memory.measure``, the median of ``timed_steps`` steps each; the best of ``rounds``
@@ -459,7 +460,7 @@ def _recipe(model_fn, x, y, cands, budget, options, device, seed, base_batch_siz
         reasons.append(f"memory: the largest batch that fits was given as {ceiling}.")
     elif budget is not None or device.type == "cuda":
         model = fresh_model()
-        found = memory.find_max_batch_size(model, (x, y), budget=budget, limit=n, **options)
+        found = memory.find_max_batch_size(model, (x, y), budget=budget, limit=n, strategy="model", **options)
         ceiling, budget, sources["memory"] = found.batch_size, found.budget, "measured"
         reasons.append(f"memory: the largest batch whose training step fits {budget / 2**20:.1f} MiB "
                        f"(with a 5% margin) is {ceiling}" + (" (the whole data set)." if ceiling >= n else "."))

@@ -82,6 +82,8 @@ def test_measured_recommendation_respects_the_budget_and_matches_the_tools(xy):
     assert isinstance(c, BatchSizeChoice) and c.sources == dict.fromkeys(("memory", "throughput", "noise scale"), "measured")
     # memory: the finder's answer for the same budget and options
     ref = memory.find_max_batch_size(tiny(), xy, budget=budget, limit=N, optimizer="momentum", lr=0.05, device="cpu")
+    assert ref.batch_size == memory.find_max_batch_size(tiny(), xy, budget=budget, limit=N, strategy="model",
+                                                        optimizer="momentum", lr=0.05, device="cpu").batch_size
     assert c.max_batch_size == ref.batch_size and 90 <= c.max_batch_size <= 100
     # throughput: every candidate up to the ceiling, none above
     assert sorted(c.throughput) == [b for b in default_candidates(N) if b <= c.max_batch_size] == [8, 16, 32, 64]
