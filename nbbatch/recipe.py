@@ -73,7 +73,8 @@ class BatchSizeChoice:
         b_simple: the gradient noise scale after the warm-up (the estimate of ``B_crit``).
         noise_factor: the noise bound is ``noise_factor * b_simple``.
         warmup_steps, warmup_loss: the warm-up training before the noise scale (its steps at
-            ``base_batch_size`` and the training loss after it; None when ``b_simple`` was given).
+            ``base_batch_size`` and the mean batch loss of its last 10 steps; None when the noise
+            scale was given, or with no warm-up steps).
         dataset_size: training examples ``N``.
         candidates: the batch sizes considered.
         lr, base_batch_size, scale_rule: the learning rate known to work at ``base_batch_size``
@@ -476,7 +477,7 @@ def _recipe(model_fn, x, y, cands, budget, options, device, seed, base_batch_siz
         eps, sources["throughput"] = given_throughput, "given"
     else:
         model = model if model is not None else fresh_model()
-        eps, sources["throughput"] = {}, "measured"
+        sources["throughput"] = "measured"
         eps = _measure_rounds(model, x, y, [c for c in cands if c <= top], options, timed_steps, rounds,
                               time_budget_s, reasons)
     knee, saturated = _knee(eps, min_gain, knee_method)
