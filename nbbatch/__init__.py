@@ -3,7 +3,7 @@
 Importing nbbatch does no work: no device probing, no data loading, no printing.
 """
 
-from . import data, diagnostics, geometry, memory, models, norms, optim, runs, schedules
+from . import data, diagnostics, geometry, memory, models, norms, optim, recipe, runs, schedules
 from .config import TrainConfig
 from .device import resolve_device, seed_everything
 from .distributed import Distributed, launch
@@ -49,6 +49,7 @@ __all__ = [
     "models",
     "norms",
     "optim",
+    "recipe",
     "resolve_device",
     "scale_lr",
     "schedules",
