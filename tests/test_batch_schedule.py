@@ -8,7 +8,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import PairDataset, make_mlp, same_weights
-from nbbatch import TrainConfig, Trainer
+from nbbatch import MultiRun, TrainConfig, Trainer
 from nbbatch.batching import DatasetBatches, TensorBatches, epoch_permutation
 from nbbatch.schedules import BatchSchedule, decay_factor
 
@@ -254,3 +254,8 @@ def test_trainer_refuses_schedules_the_data_cannot_follow(data):
     with pytest.raises(ValueError, match="batch_schedule: batch_size=33: the last batch"):
         Trainer(bn, data, batch_size=10, batch_schedule=[(1, 33)])
     Trainer(bn, data, batch_size=10, batch_schedule=[(1, 33)], drop_last=True)
+
+
+def test_multirun_refuses_a_batch_schedule(data):
+    with pytest.raises(ValueError, match="batch_schedule=.* is not offered by MultiRun"):
+        MultiRun(lambda: make_mlp(), data, seed=[0, 1], device="cpu", batch_schedule=SCHEDULE)
