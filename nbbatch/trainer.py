@@ -922,7 +922,8 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "progress": {
                 "step": self.step_count, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "example_in_epoch": self.example_in_epoch, "examples": self.examples_seen, "train_time": self.train_time, "data_seed": self._data_seed,
+                "example_in_epoch": self.example_in_epoch, "examples": self.examples_seen,
+                "train_time": self.train_time, "data_seed": self._data_seed,
                 "horizon": self._horizon, "plan_end": self._plan_end,
                 "plan_until": dataclasses.asdict(self._plan_until) if self._plan_until else None,
                 "eval_pending": self._eval_pending,
