@@ -10,7 +10,7 @@ from .distributed import Distributed, launch
 from .history import History
 from .optim import LAMB, LARS
 from .runs import MultiRun
-from .schedules import Schedule, scale_lr
+from .schedules import BatchSchedule, Schedule, scale_lr
 from .trainer import DivergenceError, Target, Trainer, accuracy
 
 __version__ = "0.1.0"
@@ -31,6 +31,7 @@ def unload_ipython_extension(ipython):
 
 
 __all__ = [
+    "BatchSchedule",
     "Distributed",
     "DivergenceError",
     "History",

@@ -1,7 +1,8 @@
 """Where a Trainer's batches come from: device-resident tensors, a map-style Dataset, or a DataLoader.
 
-Every source answers the same question, "the batches of epoch ``e`` from batch ``i`` on", so a
-run can stop anywhere and resume at exactly the same batch. The order of an epoch is a seeded
+Every source answers the same question, "the batches of epoch ``e`` from example ``p`` on", so a
+run can stop anywhere and resume at exactly the same batch. The position is counted in examples,
+not batches, so it means the same thing when the batch size changes (a ``BatchSchedule``). The order of an epoch is a seeded
 permutation that depends only on ``(seed, epoch)``; it is drawn on the CPU and moved to the
 training device once per epoch, so CPU and GPU runs see the same batches.
 """
@@ -13,6 +14,8 @@ from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from .schedules import BatchSchedule
 
 _SEED_STRIDE = 1_000_003  # a prime: epochs of nearby seeds do not share permutations
 
@@ -34,18 +37,55 @@ def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
     return n // batch_size if drop_last else math.ceil(n / batch_size)
 
 
-class TensorBatches:
+def batch_bounds(n: int, batch_size: int, drop_last: bool, start: int = 0) -> Iterator[tuple[int, int]]:
+    """``(first, end)`` positions of the batches of an epoch of ``n`` examples from position ``start``.
+
+    Example:
+        >>> list(batch_bounds(10, 4, False)), list(batch_bounds(10, 4, True, start=4))
+        ([(0, 4), (4, 8), (8, 10)], [(4, 8)])
+    """
+    for lo in range(start, n, batch_size):
+        hi = min(lo + batch_size, n)
+        if drop_last and hi - lo < batch_size:
+            return
+        yield lo, hi
+
+
+class _Scheduled:
+    """The batch size of each epoch, for a source whose batch size may follow a ``BatchSchedule``."""
+
+    n: int
+    batch_size: int
+    drop_last: bool
+    schedule: BatchSchedule | None = None
+
+    def batch_size_at(self, epoch: int) -> int:
+        """The batch size of ``epoch``."""
+        return self.batch_size if self.schedule is None else self.schedule(epoch)
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        """Optimizer steps in ``epoch``."""
+        return num_batches(self.n, self.batch_size_at(epoch), self.drop_last)
+
+    def steps_left(self, epoch: int, start: int) -> int:
+        """Optimizer steps of ``epoch`` from example ``start`` on."""
+        return sum(1 for _ in batch_bounds(self.n, self.batch_size_at(epoch), self.drop_last, start))
+
+
+class TensorBatches(_Scheduled):
     """In-memory tensors, moved to the training device once, sliced by index each step.
 
     With ``on_device=False`` on a CUDA device the tensors stay in pinned host memory and each
-    batch is copied without blocking (for datasets larger than the device).
+    batch is copied without blocking (for datasets larger than the device). With a ``schedule``
+    the batch size of each epoch is ``schedule(epoch)`` (``batch_size`` is its first).
     """
 
     kind = "tensors"
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int,
-                 drop_last: bool, seed: int, on_device: bool = True):
+                 drop_last: bool, seed: int, on_device: bool = True, schedule: BatchSchedule | None = None):
         self.n = len(x)
+        self.schedule = schedule
         self.device = device
         self.batch_size = batch_size
         self.drop_last = drop_last
@@ -73,11 +113,11 @@ class TensorBatches:
         return self._perm
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of ``epoch`` from example ``start`` of its permutation on."""
         perm = self.permutation(epoch)
-        B = self.batch_size
         x, y, copy = self.x, self.y, not self.on_device
-        for i in range(start, self.steps_per_epoch):
-            idx = perm[i * B:(i + 1) * B]
+        for lo, hi in batch_bounds(self.n, self.batch_size_at(epoch), self.drop_last, start):
+            idx = perm[lo:hi]
             if copy:
                 # A host-side gather is unpinned; pin it so the copy to the device can overlap.
                 yield (x[idx].pin_memory().to(self.device, non_blocking=True),
@@ -97,13 +137,15 @@ class _ListSampler(torch.utils.data.Sampler):
         return len(self.indices)
 
 
-class DatasetBatches:
+class DatasetBatches(_Scheduled):
     """A map-style ``Dataset`` read through a ``DataLoader`` in the seeded epoch order."""
 
     kind = "dataset"
 
-    def __init__(self, dataset: Dataset, device: torch.device, batch_size: int, drop_last: bool, seed: int):
+    def __init__(self, dataset: Dataset, device: torch.device, batch_size: int, drop_last: bool, seed: int,
+                 schedule: BatchSchedule | None = None):
         self.dataset = dataset
+        self.schedule = schedule
         self.n = len(dataset)
         self.device = device
         self.batch_size = batch_size
@@ -115,9 +157,11 @@ class DatasetBatches:
         return self.dataset
 
     def batches(self, epoch: int, start: int = 0):
-        order = epoch_permutation(self.n, self.seed, epoch)[start * self.batch_size:].tolist()
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=_ListSampler(order),
-                            drop_last=self.drop_last, pin_memory=self.device.type == "cuda")
+        """The batches of ``epoch`` from example ``start`` of its permutation on."""
+        order = epoch_permutation(self.n, self.seed, epoch).tolist()
+        index_batches = [order[lo:hi] for lo, hi in batch_bounds(self.n, self.batch_size_at(epoch), self.drop_last, start)]
+        loader = DataLoader(self.dataset, batch_sampler=_ListSampler(index_batches),
+                            pin_memory=self.device.type == "cuda")
         for xb, yb in loader:
             yield xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
 
@@ -126,7 +170,7 @@ class LoaderBatches:
     """A user's ``DataLoader``, used as it is: its batches are the optimizer batches.
 
     Resuming mid-epoch skips the batches already used; the order matches the interrupted run
-    only when the loader's own shuffling is seeded.
+    only when the loader's own shuffling is seeded. Its batch size cannot follow a schedule.
     """
 
     kind = "loader"
@@ -145,11 +189,23 @@ class LoaderBatches:
     def whole(self):
         return self.loader
 
+    def batch_size_at(self, epoch: int) -> int:
+        return self.batch_size
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        return self.steps_per_epoch
+
+    def steps_left(self, epoch: int, start: int) -> int:
+        return max(self.steps_per_epoch - -(-start // self.batch_size), 0)
+
     def batches(self, epoch: int, start: int = 0):
-        for i, batch in enumerate(self.loader):
-            if i < start:
-                continue
+        """The loader's batches, skipping those that end at or before example ``start``."""
+        seen = 0
+        for batch in self.loader:
             xb, yb = batch[0], batch[1]
+            if seen < start:
+                seen += len(xb)
+                continue
             yield xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
 
 

@@ -22,7 +22,7 @@ import torch
 from .checks import check_positive_int, is_int
 from .device import PRECISIONS
 from .losses import LOSSES
-from .schedules import DECAYS, SCALE_RULES, WARMUPS
+from .schedules import DECAYS, SCALE_RULES, WARMUPS, BatchSchedule
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "lars", "lamb")
 
@@ -93,6 +93,12 @@ def option(default, *, help: str, check: Callable[[str, Any], None], live: bool 
 
 
 # The checks: each ``check(name, value)`` raises an error that names the option and the value.
+def _check_batch_schedule(name, value):
+    """Its form; the sizes are checked against ``batch_size`` with the options that relate two."""
+    if value is not None and not isinstance(value, BatchSchedule):
+        BatchSchedule.from_spec(value, 1)
+
+
 def _rule(test: Callable[[Any], bool], must: str, error: type = ValueError, optional: bool = False):
     def check(name, value):
         if not (optional and value is None) and not test(value):
@@ -248,6 +254,15 @@ class TrainConfig:
     accumulate: int = option(
         1, type=int, check=_positive_int,
         help="Micro-batches per optimizer step (batch_size is split into this many).")
+    batch_schedule: Any = option(
+        None, check=_check_batch_schedule,
+        help="None (one batch size), or the batch size growing at whole epochs instead of a decaying lr "
+             "(Smith et al. 2018): {'epochs': [10, 20], 'factor': 5} multiplies batch_size by 5 at epochs 10 "
+             "and 20; a list [(10, 320), (20, 1600)] gives the size from each epoch on; or an "
+             "nbbatch.schedules.BatchSchedule. batch_size is the size of epoch 0, and the lr (scaled for "
+             "batch_size) does not follow the batch. Epoch lengths (fit(epochs=...), warmup_epochs, "
+             "total_epochs) count each epoch's own steps; decay_epochs cannot be combined with it (give "
+             "decay_steps).")
     clip_grad_norm: float | None = option(
         None, type=float, check=_rule(lambda v: _is_number(v) and v > 0, "be a number > 0 or None", optional=True),
         help="Clip the global gradient norm to this value (None: no clipping).")
@@ -311,6 +326,18 @@ class TrainConfig:
         if self.accumulate > self.batch_size:
             raise ValueError(f"accumulate={self.accumulate} splits batch_size={self.batch_size} into micro-batches "
                              f"of fewer than one example; use accumulate <= batch_size")
+        if self.batch_schedule is not None:
+            smallest = min(self.batch_schedule_value.sizes)
+            if self.accumulate > smallest:
+                raise ValueError(f"accumulate={self.accumulate} splits the batch_schedule's batches of {smallest} into "
+                                 f"micro-batches of fewer than one example; use accumulate <= {smallest}")
+            if self.decay_epochs is not None:
+                raise ValueError(f"decay_epochs={self.decay_epochs!r} with a batch_schedule: its epochs differ in "
+                                 f"steps, so an lr decay every few epochs has no fixed step interval; give "
+                                 f"decay_steps, or grow the batch instead of decaying the lr")
+            if self.noise_scale_every is not None and smallest < 2:
+                raise ValueError(f"noise_scale_every={self.noise_scale_every} needs batches of >= 2 examples, but the "
+                                 f"batch_schedule has batches of {smallest}")
         if self.optimizer == "nesterov" and self.momentum == 0:
             raise ValueError("optimizer='nesterov' needs momentum > 0")
         if self.adapt_all and self.optimizer not in ("lars", "lamb"):
@@ -335,6 +362,18 @@ class TrainConfig:
             return float(self.momentum)
         return 0.9 if self.optimizer in ("momentum", "nesterov", "lars") else 0.0
 
+    @property
+    def batch_schedule_value(self) -> BatchSchedule | None:
+        """``batch_schedule`` as a ``BatchSchedule`` starting at ``batch_size`` (None without one).
+
+        Example:
+            >>> TrainConfig(batch_size=32, batch_schedule={"epochs": [5], "factor": 4}).batch_schedule_value(5)
+            128
+        """
+        if self.batch_schedule is None:
+            return None
+        return BatchSchedule.from_spec(self.batch_schedule, self.batch_size)
+
     def replace(self, **changes) -> "TrainConfig":
         """A copy with some fields changed, validated again."""
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
@@ -353,6 +392,9 @@ class TrainConfig:
                 value = [float(b) for b in value]
             elif f.name == "metrics":
                 value = None if value is None else sorted(value)
+            elif f.name == "batch_schedule" and value is not None:
+                value = ({"epochs": list(value["epochs"]), "factor": value["factor"]} if isinstance(value, Mapping)
+                         else BatchSchedule.from_spec(value, self.batch_size).to_spec())
             elif callable(value):
                 out[f.name + "_name"] = getattr(value, "__name__", type(value).__name__)
                 value = None

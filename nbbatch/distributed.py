@@ -247,6 +247,9 @@ class DistContext:
         if source == "loader":
             raise ValueError("data: a DataLoader's batches cannot be split across processes; pass tensors, a "
                              "DataBundle or a map-style Dataset (each process then reads only its share)")
+        if cfg.batch_schedule is not None:
+            raise ValueError(f"batch_schedule={cfg.batch_schedule!r}: a changing batch size is not offered "
+                             f"data-parallel; train with one process, or leave batch_schedule at None")
         if B < W:
             raise ValueError(f"batch_size={B} gives each of the {W} processes fewer than one example "
                              f"(per-process batch {B}/{W} < 1); use batch_size >= {W}")
@@ -396,6 +399,15 @@ class _Shard:
     def whole(self):
         return self.inner.whole()
 
+    def batch_size_at(self, epoch: int) -> int:
+        return self.batch_size
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        return self.steps_per_epoch
+
+    def steps_left(self, epoch: int, start: int) -> int:
+        return max(self.steps_per_epoch - -(-start // self.batch_size), 0)
+
 
 class ShardedTensorBatches(_Shard):
     """In-memory tensors: the global batch's indices, then this rank's share (rows gathered locally)."""
@@ -406,7 +418,7 @@ class ShardedTensorBatches(_Shard):
         inner = self.inner
         perm = inner.permutation(epoch)
         B = inner.batch_size
-        for i in range(start, inner.steps_per_epoch):
+        for i in range(start // B, inner.steps_per_epoch):   # start: a position in examples, a multiple of B
             idx = perm[i * B:(i + 1) * B]
             self.last_global_n = len(idx)
             mine = _share(idx, self.rank, self.world)
@@ -428,7 +440,7 @@ class ShardedDatasetBatches(_Shard):
         inner = self.inner
         perm = epoch_permutation(inner.n, inner.seed, epoch)
         B = inner.batch_size
-        for i in range(start, inner.steps_per_epoch):
+        for i in range(start // B, inner.steps_per_epoch):   # start: a position in examples, a multiple of B
             idx = perm[i * B:(i + 1) * B]
             self.last_global_n = len(idx)
             items = [inner.dataset[j] for j in _share(idx, self.rank, self.world).tolist()]

@@ -1,16 +1,25 @@
-"""Learning-rate schedules as pure, closed-form functions of the optimizer step.
+"""Learning-rate schedules as pure, closed-form functions of the optimizer step, and batch-size
+schedules as pure functions of the epoch.
 
 A schedule is warm-up (none / linear "gradual" / constant, Goyal et al. 2017) followed by a
 decay (constant / cosine / step / linear). ``lr(step)`` depends on nothing but its arguments,
 so a resumed run gets exactly the learning rates of an uninterrupted one and the values can be
 tested against tables. ``Schedule.lambda_lr`` hands the same function to torch's ``LambdaLR``
 for users who drive their own loop.
+
+``BatchSchedule`` raises the batch size at epoch milestones instead of decaying the learning rate
+(Smith, Kindermans, Ying & Le 2018, "Don't Decay the Learning Rate, Increase the Batch Size"):
+multiplying B by k at an epoch shrinks SGD's noise scale lr*N/B as dividing lr by k does, with
+k times fewer optimizer steps in every later epoch.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Mapping
+
+from .checks import is_int
 
 import torch
 
@@ -205,3 +214,145 @@ class Schedule:
     def lambda_lr(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         """The same schedule as torch's ``LambdaLR`` (the optimizer's lr must be ``peak_lr``)."""
         return torch.optim.lr_scheduler.LambdaLR(optimizer, self.factor)
+
+
+@dataclass(frozen=True)
+class BatchSchedule:
+    """The batch size as a function of the epoch: ``batch_size`` until the first milestone, then
+    the size each milestone names from its epoch on.
+
+    The milestones are whole epochs, so the batch size is constant within an epoch and an epoch
+    of ``n`` examples at batch size B has ``ceil(n / B)`` steps (``n // B`` with ``drop_last``).
+
+    Args:
+        batch_size: the batch size of epoch 0.
+        milestones: ``((epoch, batch_size), ...)``: from ``epoch`` (an int >= 1, increasing) on,
+            batches hold ``batch_size`` examples.
+
+    Example:
+        >>> s = BatchSchedule.step(32, epochs=[2, 4], factor=5)
+        >>> [s(e) for e in range(6)]
+        [32, 32, 160, 160, 800, 800]
+        >>> [s.epoch_steps(e, n=1000) for e in range(6)]
+        [32, 32, 7, 7, 2, 2]
+        >>> s.steps(6, n=1000), s.steps(2.5, n=1000)
+        (82, 68)
+    """
+
+    batch_size: int
+    milestones: tuple = ()
+
+    def __post_init__(self):
+        if not is_int(self.batch_size) or self.batch_size < 1:
+            raise ValueError(f"batch_schedule: the first batch size must be a positive int, got {self.batch_size!r}")
+        try:
+            pairs = tuple(tuple(m) for m in self.milestones)
+        except TypeError:
+            raise ValueError(f"batch_schedule: milestones must be (epoch, batch_size) pairs, "
+                             f"got {self.milestones!r}") from None
+        last = 0
+        for pair in pairs:
+            if len(pair) != 2 or not all(is_int(v) for v in pair):
+                raise ValueError(f"batch_schedule: each milestone is an (epoch, batch_size) pair of ints, got {pair!r}")
+            epoch, size = pair
+            if epoch <= last:
+                raise ValueError(f"batch_schedule: milestone epochs must be ints >= 1 in increasing order "
+                                 f"(epoch 0 runs at batch_size), got {[p[0] for p in pairs]}")
+            if size < 1:
+                raise ValueError(f"batch_schedule: the batch size from epoch {epoch} must be a positive int, got {size!r}")
+            last = epoch
+        object.__setattr__(self, "milestones", pairs)
+
+    @classmethod
+    def step(cls, batch_size: int, epochs, factor: int) -> "BatchSchedule":
+        """Multiply the batch size by ``factor`` at each of ``epochs`` (the mirror of lr step decay).
+
+        Example:
+            >>> BatchSchedule.step(10, epochs=[3, 6], factor=2).milestones
+            ((3, 20), (6, 40))
+        """
+        if not is_int(factor) or factor < 2:
+            raise ValueError(f"batch_schedule: factor must be an int >= 2, got {factor!r}")
+        if isinstance(epochs, (str, bytes)) or not hasattr(epochs, "__iter__"):
+            raise ValueError(f"batch_schedule: epochs must be a list of ints, got {epochs!r}")
+        epochs = list(epochs)
+        if not epochs:
+            raise ValueError("batch_schedule: epochs is empty; give the epochs at which the batch grows")
+        if not is_int(batch_size) or batch_size < 1:
+            raise ValueError(f"batch_schedule: the first batch size must be a positive int, got {batch_size!r}")
+        return cls(batch_size, tuple((e, batch_size * factor ** (i + 1)) for i, e in enumerate(epochs)))
+
+    @classmethod
+    def from_spec(cls, spec, batch_size: int) -> "BatchSchedule":
+        """A schedule from ``TrainConfig.batch_schedule``'s forms, starting at ``batch_size``.
+
+        ``spec`` is a BatchSchedule (starting at ``batch_size``), ``{"epochs": [...], "factor": k}``
+        (see ``step``) or a list of ``(epoch, batch_size)`` milestones.
+
+        Example:
+            >>> BatchSchedule.from_spec([(2, 64), (5, 256)], 16)(5)
+            256
+            >>> BatchSchedule.from_spec({"epochs": [1], "factor": 4}, 16)(1)
+            64
+        """
+        if isinstance(spec, BatchSchedule):
+            if spec.batch_size != batch_size:
+                raise ValueError(f"batch_schedule starts at batch size {spec.batch_size} but batch_size={batch_size}; "
+                                 f"they must agree")
+            return spec
+        if isinstance(spec, Mapping):
+            if set(spec) != {"epochs", "factor"}:
+                raise ValueError(f"batch_schedule: a dict needs exactly the keys 'epochs' and 'factor', e.g. "
+                                 f"{{'epochs': [10, 20], 'factor': 5}}, got keys {sorted(map(str, spec))}")
+            return cls.step(batch_size, spec["epochs"], spec["factor"])
+        if isinstance(spec, (list, tuple)):
+            if not spec:
+                raise ValueError("batch_schedule: the list of (epoch, batch_size) milestones is empty; use None "
+                                 "for a constant batch size")
+            return cls(batch_size, tuple(spec))
+        raise ValueError(f"batch_schedule must be None, a BatchSchedule, {{'epochs': [...], 'factor': k}} or a list "
+                         f"of (epoch, batch_size) pairs, got {type(spec).__name__} {spec!r}"[:300])
+
+    def to_spec(self) -> list:
+        """The milestones as plain lists (for configs written to checkpoints and logs)."""
+        return [list(m) for m in self.milestones]
+
+    def __call__(self, epoch: int) -> int:
+        size = self.batch_size
+        for start, b in self.milestones:
+            if epoch < start:
+                break
+            size = b
+        return size
+
+    @property
+    def sizes(self) -> tuple:
+        """Every batch size the schedule uses, in order of first use."""
+        out = [self.batch_size]
+        for _, b in self.milestones:
+            if b not in out:
+                out.append(b)
+        return tuple(out)
+
+    def epoch_steps(self, epoch: int, n: int, drop_last: bool = False) -> int:
+        """Optimizer steps in ``epoch`` of ``n`` examples."""
+        b = self(epoch)
+        return n // b if drop_last else -(-n // b)
+
+    def steps(self, epochs: float, n: int, drop_last: bool = False) -> int:
+        """Optimizer steps from the start of training to ``epochs`` epochs (a fraction of an epoch
+        counts that share of its steps, rounded)."""
+        whole = int(math.floor(epochs))
+        total = sum(self.epoch_steps(e, n, drop_last) for e in range(whole))
+        return total + int(round((epochs - whole) * self.epoch_steps(whole, n, drop_last)))
+
+    def noise_factor(self, epoch: int) -> float:
+        """``batch_size / B(epoch)``: the factor by which the schedule has shrunk SGD's noise scale
+        lr*N/B, equal to the lr factor of the step decay it replaces.
+
+        Example:
+            >>> s = BatchSchedule.step(32, epochs=[2], factor=4)
+            >>> s.noise_factor(2), decay_factor(2, "step", decay_steps=2, decay_gamma=0.25)
+            (0.25, 0.25)
+        """
+        return self.batch_size / self(epoch)

@@ -160,6 +160,7 @@ class Trainer:
         n_train = len(train_xy[0]) if train_xy is not None else _length(data)
         if n_train == 0:
             raise ValueError("data: the training set is empty")
+        _check_batch_schedule(cfg, data, n_train)
         if n_train is not None and cfg.batch_size > n_train:
             raise ValueError(f"batch_size={cfg.batch_size} is larger than the training set ({n_train} examples); "
                              f"use batch_size <= {n_train} (full-batch gradient descent is batch_size={n_train})")
@@ -222,11 +223,12 @@ class Trainer:
                              f"and buffers hold data") from err
         if train_xy is not None:
             self._train = TensorBatches(train_xy[0], train_xy[1], device, cfg.batch_size, cfg.drop_last,
-                                        data_seed, on_device=cfg.data_on_device)
+                                        data_seed, on_device=cfg.data_on_device, schedule=cfg.batch_schedule_value)
         elif isinstance(data, DataLoader):
             self._train = LoaderBatches(data, device)
         else:
-            self._train = DatasetBatches(data, device, cfg.batch_size, cfg.drop_last, data_seed)
+            self._train = DatasetBatches(data, device, cfg.batch_size, cfg.drop_last, data_seed,
+                                         schedule=cfg.batch_schedule_value)
         self._dist = dist_ctx
         # What the training forward calls: the model, or checkpointed chunks of it; DDP when data-parallel.
         self._net = checkpointed(self.model, cfg.checkpoint_segments)
@@ -248,6 +250,7 @@ class Trainer:
         self.step_count = 0              # optimizer steps completed
         self.epoch = 0                   # epoch the next batch comes from
         self.batch_in_epoch = 0          # index of the next batch within that epoch
+        self.example_in_epoch = 0        # position of the next batch in that epoch's order, in examples
         self.examples_seen = 0
         self.train_time = 0.0            # seconds spent in training steps (evaluations excluded)
         self._data_seed = data_seed
@@ -284,7 +287,8 @@ class Trainer:
     # ------------------------------------------------------------------ small public surface
     @property
     def steps_per_epoch(self) -> int:
-        return self._train.steps_per_epoch
+        """Optimizer steps in the current epoch (at its batch size, under a ``batch_schedule``)."""
+        return self._train.steps_in_epoch(self.epoch)
 
     def training_tensors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The training set's ``(x, y)`` tensors when the trainer holds them in memory, else None.
@@ -403,8 +407,18 @@ class Trainer:
             fn(self, row)
 
     # ------------------------------------------------------------------ schedule
-    def _steps(self, steps: int | None, epochs: float | None) -> int | None:
-        return length_in_steps(steps, epochs, self.steps_per_epoch)
+    def _steps(self, steps: int | None, epochs: float | None, from_now: bool = False) -> int | None:
+        batch_schedule = self.config.batch_schedule_value
+        if steps is not None or epochs is None or batch_schedule is None:
+            return length_in_steps(steps, epochs, self.steps_per_epoch)
+        # Epochs differ in steps: count each epoch's own, from step 0 (schedule lengths) or from
+        # where the trainer stands (fit lengths).
+        n, drop_last = self._train.n, self.config.drop_last
+        start, before = 0.0, 0
+        if from_now:
+            start = self.epoch + self.batch_in_epoch / self.steps_per_epoch
+            before = batch_schedule.steps(self.epoch, n, drop_last) + self.batch_in_epoch
+        return max(batch_schedule.steps(start + epochs, n, drop_last) - before, 1 if epochs > 0 else 0)
 
     def _build_schedule(self, horizon: int | None) -> Schedule:
         cfg = self.config
@@ -429,7 +443,7 @@ class Trainer:
     # ------------------------------------------------------------------ the optimizer step
     def _next_batch(self):
         if self._batches is None:
-            self._batches = self._train.batches(self.epoch, self.batch_in_epoch)
+            self._batches = self._train.batches(self.epoch, self.example_in_epoch)
         try:
             return next(self._batches)
         except StopIteration:
@@ -441,6 +455,7 @@ class Trainer:
     def _advance_epoch(self) -> None:
         self.epoch += 1
         self.batch_in_epoch = 0
+        self.example_in_epoch = 0
         self._batches = None
 
     def _train_step(self) -> dict:
@@ -533,7 +548,8 @@ class Trainer:
         self.examples_seen += n
         self.train_time += dt
         self.batch_in_epoch += 1
-        per_epoch = self._train.steps_per_epoch
+        self.example_in_epoch += n
+        per_epoch = self.steps_per_epoch
         epoch_progress = self.epoch + self.batch_in_epoch / per_epoch
         if self.batch_in_epoch >= per_epoch:
             self._advance_epoch()
@@ -803,9 +819,9 @@ class Trainer:
                 return self._plan_end, self._plan_until
             raise ValueError("fit needs epochs=..., steps=... or until=... (nothing to continue)")
         if given:
-            end = self.step_count + self._steps(steps, epochs)
+            end = self.step_count + self._steps(steps, epochs, from_now=True)
         else:
-            end = self.step_count + DEFAULT_UNTIL_EPOCHS * self.steps_per_epoch
+            end = self.step_count + self._steps(None, DEFAULT_UNTIL_EPOCHS, from_now=True)
         return end, target
 
     def recorded_metrics(self) -> list[str]:
@@ -932,7 +948,8 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "progress": {
                 "step": self.step_count, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "examples": self.examples_seen, "train_time": self.train_time, "data_seed": self._data_seed,
+                "example_in_epoch": self.example_in_epoch, "examples": self.examples_seen,
+                "train_time": self.train_time, "data_seed": self._data_seed,
                 "horizon": self._horizon, "plan_end": self._plan_end,
                 "plan_until": dataclasses.asdict(self._plan_until) if self._plan_until else None,
                 "eval_pending": self._eval_pending,
@@ -978,9 +995,12 @@ class Trainer:
             bad.append("train_time")
         if bad:
             raise ValueError(f"state['progress']: {[(k, p[k]) for k in bad]} are not valid counts")
-        if p["batch_in_epoch"] >= self.steps_per_epoch:
-            raise ValueError(f"state['progress']: batch_in_epoch={p['batch_in_epoch']} but an epoch of this "
-                             f"trainer has {self.steps_per_epoch} batches; load it into the run it was saved from")
+        position = _position(self._train, p, self.config.batch_size)   # (batch, example) in the saved epoch
+        epoch_steps = self._train.steps_in_epoch(p["epoch"])
+        if position is None or position[0] >= epoch_steps:
+            raise ValueError(f"state['progress']: batch_in_epoch={p['batch_in_epoch']}, example_in_epoch="
+                             f"{p.get('example_in_epoch')} but epoch {p['epoch']} of this trainer has {epoch_steps} "
+                             f"batches of {self._train.n} examples; load it into the run it was saved from")
         try:
             plan_until = Target(**p["plan_until"]) if p.get("plan_until") else None
             history = History()
@@ -1036,7 +1056,8 @@ class Trainer:
             raise
         if self.scaler is not None and scaler:
             self.scaler.load_state_dict(scaler)
-        self.step_count, self.epoch, self.batch_in_epoch = p["step"], p["epoch"], p["batch_in_epoch"]
+        self.step_count, self.epoch = p["step"], p["epoch"]
+        self.batch_in_epoch, self.example_in_epoch = position
         self.examples_seen, self.train_time = p["examples"], p["train_time"]
         self._data_seed = p["data_seed"]
         self._train.seed = p["data_seed"]
@@ -1393,6 +1414,38 @@ def _check_model(model: nn.Module) -> None:
                          f"unfreeze some (p.requires_grad_(True)) before training")
 
 
+def _check_batch_schedule(cfg: TrainConfig, data, n_train: int | None) -> None:
+    """A batch_schedule the data can follow: not a DataLoader's fixed batches, none larger than the data."""
+    batch_schedule = cfg.batch_schedule_value
+    if batch_schedule is None:
+        return
+    if isinstance(data, DataLoader):
+        raise ValueError(f"batch_schedule={cfg.batch_schedule!r}: a DataLoader's batches have its own fixed size; "
+                         f"pass the tensors, a DataBundle or the Dataset so the trainer can batch them")
+    largest = max(batch_schedule.sizes)
+    if n_train is not None and largest > n_train:
+        raise ValueError(f"batch_schedule={cfg.batch_schedule!r} reaches a batch of {largest}, larger than the "
+                         f"training set ({n_train} examples); keep every batch size <= {n_train}")
+
+
+def _position(source, progress: Mapping, batch_size: int) -> tuple[int, int] | None:
+    """(batch_in_epoch, example_in_epoch) of a saved progress in ``source``'s epoch, or None if past its end.
+
+    The example position is what the data follows; the batch index is recounted from it, so a
+    checkpoint resumes exactly even where this trainer's batch size for that epoch differs.
+    """
+    epoch, batch = progress["epoch"], progress["batch_in_epoch"]
+    example = progress.get("example_in_epoch")
+    if example is None:   # written before positions were counted in examples: one batch size per epoch
+        example = batch * (source.batch_size_at(epoch) or batch_size)
+    if isinstance(example, bool) or not isinstance(example, int) or example < 0:
+        return None
+    if source.kind == "loader":   # batches of the loader's making: its count is the position
+        return batch, example
+    left = source.steps_left(epoch, example)
+    return (source.steps_in_epoch(epoch) - left, example) if left > 0 else None
+
+
 def _split_sizes(n: int, k: int) -> list[int]:
     # The sizes tensor_split(batch of n, k) gives, as the step splits a batch into micro-batches.
     k = min(k, n)
@@ -1410,6 +1463,14 @@ def _batch_norm_problems(model: nn.Module, n_train: int | None, cfg: TrainConfig
     else:
         batch, drop_last = cfg.batch_size, cfg.drop_last
     if batch is None:
+        return None, None
+    if cfg.batch_schedule is not None and not isinstance(data, DataLoader):
+        # Every scheduled size is checked now, its short last batch included: the sizes change with the
+        # epoch, so a problem that only some epochs' last batch has is refused up front.
+        for b in cfg.batch_schedule_value.sizes:
+            every, last = _batch_norm_problems(model, n_train, cfg.replace(batch_size=b, batch_schedule=None), data)
+            if every is not None or last is not None:
+                return f"batch_schedule: {every or last}", None
         return None, None
     last = n_train % batch
     splits = [cfg.accumulate] + ([2] if cfg.noise_scale_every is not None and cfg.accumulate == 1 else [])

@@ -196,7 +196,7 @@ def test_train_has_a_flag_for_every_option_a_command_line_can_give_with_its_defa
     text = " ".join(sub.format_help().split())
     flags = {a.dest: a for a in sub._actions if a.option_strings}
     internal = [name for name, o in OPTIONS.items() if o.type is None]
-    assert internal == ["metrics"]                       # a mapping of callables: Python only
+    assert internal == ["batch_schedule", "metrics"]     # a schedule object, a mapping of callables: Python only
     defaults = TrainConfig()
     for name in cli.train_options():
         action = flags[name]

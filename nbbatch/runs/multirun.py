@@ -33,7 +33,7 @@ PER_RUN_OPTIONS = ("seed", "lr", "momentum", "weight_decay", "scale_rule", "base
                    "decay_steps", "decay_epochs", "decay_gamma", "min_lr_factor")
 # Trainer options a MultiRun does not offer, with the value that means "off".
 _UNSUPPORTED = {"accumulate": 1, "clip_grad_norm": None, "grad_noise": 0.0, "noise_scale_every": None,
-                "checkpoint_segments": 0}
+                "checkpoint_segments": 0, "batch_schedule": None}
 _DEFAULT_UNTIL_EPOCHS = 100
 
 
