@@ -180,13 +180,18 @@ def test_sigint_finishes_the_step_then_raises_and_resumes_exactly(toy):
 
     model = make_mlp()
     t = Trainer(model, (x, y), **opts)
-    t.add_callback("step_end", lambda tr, row: os.kill(os.getpid(), signal.SIGINT) if row["step"] == 5 else None)
+
+    def interrupt_at_5(tr, row):
+        if row["step"] == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    t.add_callback("step_end", interrupt_at_5)
     with pytest.raises(KeyboardInterrupt, match="after step 5"):
         t.fit(epochs=2)
     assert t.step_count == 5 and len(t.history) == 5
     assert t.history.events[-1]["event"] == "interrupted"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # handler restored
-    t._callbacks["step_end"].clear()
+    t.remove_callback("step_end", interrupt_at_5)
     t.fit()
     assert same_weights(model, full_model)
 
