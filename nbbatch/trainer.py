@@ -2,7 +2,15 @@
 
 The optimizer step (``_train_step``) reads top to bottom: fetch the batch, set the scheduled
 learning rate, forward and backward each micro-batch, refuse a non-finite update, clip, step,
-record. Everything else (evaluation, stopping, checkpoints) sits around it.
+record. It has one code path for every setting: a single process holds a ``SingleProcess``
+context with the data-parallel context's interface (its calls do nothing), the loss scaler is
+always there (disabled unless fp16), the gradient transforms (unscale, clip, gradient noise)
+are a list built with the trainer, and the online noise scale watches the micro-batch gradients
+from the side (``_NoiseProbe``). Everything else (evaluation, stopping, checkpoints) sits
+around it.
+
+Tools that train and then undo it (``nbbatch.diagnostics.lr_find``) use public seams:
+``snapshot()``/``restore()``, ``override_lr(...)`` and ``step(callbacks=False)``.
 """
 
 from __future__ import annotations
@@ -571,8 +579,10 @@ class Trainer:
 
         A second such call while one runs, from another thread or from a callback, is refused
         with a RuntimeError instead of interleaving two runs' steps on one model. ``fit``,
-        ``step`` and ``load_state_dict`` take it themselves; a tool that trains and then
-        undoes its steps (``lr_find``) holds it around its work.
+        ``step``, ``restore`` and ``load_state_dict`` take it themselves; a tool that trains and
+        then undoes its steps (``lr_find``) holds it around its work, and inside its hold calls
+        ``snapshot()``, ``step(callbacks=False)`` and ``restore()`` (the latter two then run in
+        the tool's hold).
         """
         if not self._busy.acquire(blocking=False):
             where = "from one of its callbacks" if self._busy_thread == threading.get_ident() else "in another thread"
@@ -918,6 +928,7 @@ class Trainer:
             >>> t.step_count, len(t.history), saved
             (0, 0, TrainerSnapshot(step=0))
         """
+        self._refuse_from_another_thread("snapshot")
         state = copy.deepcopy(self.state_dict())
         grads = [None if p.grad is None else p.grad.detach().clone() for p in self._params]
         modes = [m.training for m in self.model.modules()]
