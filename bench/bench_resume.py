@@ -140,7 +140,8 @@ def interrupted(mode: str, k: int, workdir: str | None = None, device: str = "cp
     except KeyboardInterrupt:
         pass
     assert t.step_count == (k - 1 if mode == "in-step" else k), (mode, k, t.step_count)
-    t._callbacks["step_end"].clear()
+    if mode != "in-step":
+        t.remove_callback("step_end", at_k)
     t.fit()
     return record(t)
 

@@ -34,7 +34,6 @@ come from ``torch.func`` and the constrained fit from ``scipy.optimize.nnls``.
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -863,44 +862,33 @@ def lr_find(trainer, *, start_lr: float = 1e-4, end_lr: float = 10.0, steps: int
 def _range_test(trainer, start_lr, end_lr, steps, smoothing, diverge) -> LRFinderResult:
     # The trainer's own step does the work (its micro-batches, loss scaling, clipping, gradient
     # noise, checkpointing, data parallelism), with the learning rate taken from the range instead
-    # of the schedule; its full state (model, optimizer, progress, History, RNG) is put back after.
-
-    model = trainer.model
-    params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
-    saved_state = copy.deepcopy(trainer.state_dict())
-    saved_grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
-    saved_callbacks, was_training = trainer._callbacks, model.training
-    saved_batches, trainer._batches = trainer._batches, None   # a live loader iterator stays untouched
+    # of the schedule and no callbacks (the range test is not the run); its full state (model,
+    # optimizer, progress, History, RNG, data position) is put back after.
     first = trainer.step_count
     ratio = (end_lr / start_lr) ** (1.0 / (steps - 1))
     lrs, losses, smoothed = [], [], []
     avg, best, stopped = 0.0, math.inf, False
-    trainer._callbacks = {event: [] for event in saved_callbacks}   # the range test is not the run
-    trainer._schedule = lambda step: start_lr * ratio ** (step - first)
-    model.train()
+    saved = trainer.snapshot()
+    trainer.model.train()
     try:
-        for i in range(steps):
-            try:
-                row = trainer._guarded_step()
-            except DivergenceError:   # a non-finite loss or gradient: no update was made
-                stopped = True
-                break
-            lrs.append(row["lr"])
-            losses.append(row["loss"])
-            avg = smoothing * avg + (1 - smoothing) * row["loss"]
-            smooth = avg / (1 - smoothing ** (i + 1))
-            smoothed.append(smooth)
-            best = min(best, smooth)
-            if smooth > diverge * best:
-                stopped = True
-                break
+        with trainer.override_lr(lambda step: start_lr * ratio ** (step - first)):
+            for i in range(steps):
+                try:
+                    row = trainer.step(callbacks=False)
+                except DivergenceError:   # a non-finite loss or gradient: no update was made
+                    stopped = True
+                    break
+                lrs.append(row["lr"])
+                losses.append(row["loss"])
+                avg = smoothing * avg + (1 - smoothing) * row["loss"]
+                smooth = avg / (1 - smoothing ** (i + 1))
+                smoothed.append(smooth)
+                best = min(best, smooth)
+                if smooth > diverge * best:
+                    stopped = True
+                    break
     finally:
-        trainer._callbacks = saved_callbacks
-        trainer.load_state_dict(saved_state)
-        trainer._batches = saved_batches
-        for p, g in zip(params, saved_grads):
-            p.grad = g
-        model.train(was_training)
+        trainer.restore(saved)
     if not lrs:
         raise ValueError(f"lr_find: the loss was not finite even at start_lr={start_lr}")
     i_min = min(range(len(smoothed)), key=smoothed.__getitem__)

@@ -57,7 +57,7 @@ import torch.distributed as dist
 from .batching import DatasetBatches, TensorBatches, epoch_permutation
 from .norms import bn_layers
 
-__all__ = ["Distributed", "DistContext", "LaunchError", "ReportedByRank0", "free_port",
+__all__ = ["Distributed", "DistContext", "LaunchError", "ReportedByRank0", "SingleProcess", "free_port",
            "launch", "rank", "world_size"]
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -188,7 +188,13 @@ def resolve(distributed) -> "DistContext | None":
 
 
 class DistContext:
-    """Rank, world size and the few collectives a data-parallel Trainer needs."""
+    """Rank, world size and the few collectives a data-parallel Trainer needs.
+
+    ``SingleProcess`` has the same interface for one process, so the Trainer's step reads the
+    same at any world size.
+    """
+
+    data_parallel = True
 
     def __init__(self, group=None, sync_batchnorm: bool = False):
         self.group = group
@@ -305,9 +311,22 @@ class DistContext:
         raise TypeError(f"cannot shard a {type(source).__name__}")
 
     # ---- in the step
+    def global_batch_size(self, source, xb: torch.Tensor) -> int:
+        """``n``, the examples in the global batch whose share ``xb`` is (the last one may be short)."""
+        return source.last_global_n
+
     def sync_context(self, net, last: bool):
         """DDP all-reduces gradients only in the backward of the last micro-batch."""
-        return contextlib.nullcontext() if last else net.no_sync()
+        return _NO_SYNC if last else net.no_sync()
+
+    def shared_generator(self, seed: int, step: int, device: torch.device) -> torch.Generator:
+        """A generator seeded by the ranks' shared seed and the step: the same draws on every rank.
+
+        Every rank must add the same gradient noise to the same all-reduced gradients, whatever
+        its global generator did (unseeded, or dropout on uneven shards).
+        """
+        seed = ((seed << 32) + step) % (1 << 63)   # any int seed, in manual_seed's range
+        return torch.Generator(device).manual_seed(seed)
 
     def attach(self, total: torch.Tensor, stop: bool) -> None:
         """Before the last backward: this rank's weighted loss sum and stop flag, for the all-reduce."""
@@ -331,6 +350,79 @@ class DistContext:
 
     def barrier(self) -> None:
         dist.barrier(group=self.group)
+
+
+_NO_SYNC = contextlib.nullcontext()   # reusable: entering it does nothing
+
+
+class SingleProcess:
+    """``DistContext``'s interface for one process: rank 0 of 1, and every collective a no-op.
+
+    The Trainer holds one of these when it does not run data-parallel, so its construction and
+    its step call the same methods at any world size, at the cost of a few no-op calls per step.
+
+    Example:
+        >>> ctx = SingleProcess()
+        >>> ctx.rank, ctx.world_size, ctx.is_main, ctx.data_parallel
+        (0, 1, True, False)
+        >>> ctx.attach(torch.tensor(0.5), stop=False)
+        >>> ctx.collect()
+        (tensor(0.5000), False)
+    """
+
+    data_parallel = False
+    group = None
+    rank = local_rank = 0
+    world_size = 1
+    is_main = True
+
+    def __init__(self):
+        self._total: torch.Tensor | None = None
+
+    def __repr__(self) -> str:
+        return "SingleProcess()"
+
+    # ---- device and checks: nothing to agree on
+    def pick_device(self, requested, device: torch.device) -> torch.device:
+        return device
+
+    def check(self, cfg, n_train: int | None, model: torch.nn.Module, device: torch.device, source: str,
+              train_xy=None) -> None:
+        pass
+
+    def shared_seed(self, seed: int) -> int:
+        return seed
+
+    # ---- building: the model, its batch source and the forward module stay as they are
+    def convert_batchnorm(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def wrap(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        return model
+
+    def shard(self, source):
+        return source
+
+    # ---- in the step
+    def global_batch_size(self, source, xb: torch.Tensor) -> int:
+        return xb.shape[0]
+
+    def sync_context(self, net, last: bool):
+        return _NO_SYNC
+
+    def shared_generator(self, seed: int, step: int, device: torch.device) -> None:
+        return None   # the global generator, as any single-process draw
+
+    def attach(self, total: torch.Tensor, stop: bool) -> None:
+        self._total = total
+
+    def collect(self) -> tuple[torch.Tensor, bool]:
+        """The loss ``attach`` was given, and no stop (one process stops between steps)."""
+        total, self._total = self._total, None
+        return total, False
+
+    def barrier(self) -> None:
+        pass
 
 
 def _allreduce_hook(ctx: DistContext, bucket):

@@ -28,7 +28,8 @@ from .checks import is_int
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["Checkpointed", "CheckpointedSequential", "SavedCounter", "checkpointed", "storage_key"]
+__all__ = ["Checkpointed", "CheckpointedSequential", "SavedCounter", "check_checkpointed", "checkpointed",
+           "storage_key"]
 
 _ACTIVE = threading.local()   # the counter of the accounted step running in this thread, if any
 
@@ -261,6 +262,20 @@ def _check_checkpointable(model: nn.Module, segments) -> None:
                         f"got {type(model).__name__}; wrap the blocks to checkpoint in an nn.Sequential")
     if segments > len(model):
         raise ValueError(f"checkpoint_segments={segments} is more than the model's {len(model)} layers")
+
+
+def check_checkpointed(model: nn.Module, segments: int) -> None:
+    """Raise the error ``checkpointed(model, segments)`` would raise, building nothing.
+
+    Example:
+        >>> check_checkpointed(torch.nn.Linear(4, 2), 0)      # no checkpointing: any model
+        >>> check_checkpointed(torch.nn.Linear(4, 2), 2)
+        Traceback (most recent call last):
+        ...
+        TypeError: checkpoint_segments needs an nn.Sequential model (its layers are split into chunks), got Linear; wrap the blocks to checkpoint in an nn.Sequential
+    """
+    if segments not in (0, 1):
+        _check_checkpointable(model, segments)
 
 
 def checkpointed(model: nn.Module, segments: int) -> nn.Module:

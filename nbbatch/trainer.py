@@ -2,7 +2,15 @@
 
 The optimizer step (``_train_step``) reads top to bottom: fetch the batch, set the scheduled
 learning rate, forward and backward each micro-batch, refuse a non-finite update, clip, step,
-record. Everything else (evaluation, stopping, checkpoints) sits around it.
+record. It has one code path for every setting: a single process holds a ``SingleProcess``
+context with the data-parallel context's interface (its calls do nothing), the loss scaler is
+always there (disabled unless fp16), the gradient transforms (unscale, clip, gradient noise)
+are a list built with the trainer, and the online noise scale watches the micro-batch gradients
+from the side (``_NoiseProbe``). Everything else (evaluation, stopping, checkpoints) sits
+around it.
+
+Tools that train and then undo it (``nbbatch.diagnostics.lr_find``) use public seams:
+``snapshot()``/``restore()``, ``override_lr(...)`` and ``step(callbacks=False)``.
 """
 
 from __future__ import annotations
@@ -27,14 +35,14 @@ from .batching import DatasetBatches, LoaderBatches, TensorBatches, as_tensors
 from .config import RESCHEDULE_OPTIONS, TrainConfig, check_length  # RESCHEDULE_OPTIONS: also importable from here
 from .data import load_dataset
 from .device import autocast_context, peak_memory_bytes, reset_peak_memory, resolve_device, resolve_precision
-from .distributed import StopAgreed
+from .distributed import DistContext, SingleProcess, StopAgreed
 from .distributed import resolve as resolve_distributed
 from .history import History, RunLog
 from .losses import accuracy, mse_loss, resolve_loss  # accuracy, mse_loss: also importable from here
 from .noise import OnlineNoiseScale, squared_grad_norm
 from .norms import bn_layers, warn_accumulation_with_bn
 from .optim import ADAM_EPS, LAMB, LAMB_EPS, LARS, add_gradient_noise, gradient_noise_std, layerwise_groups
-from .recompute import checkpointed
+from .recompute import check_checkpointed, checkpointed
 from .schedules import Schedule, check_warmup_fits, length_in_steps, scale_lr
 
 EVENTS = ("fit_start", "step_end", "eval_end", "fit_end")
@@ -133,118 +141,86 @@ class Trainer:
     def __init__(self, model: nn.Module, data, config: TrainConfig | None = None, *, eval_data=None,
                  distributed="auto", log_dir: str | os.PathLike | None = None, log_checkpoints: bool = False,
                  **options):
-        # ---- validate everything before any state changes -----------------------------------
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        _check_model(model)
-        if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
-            raise TypeError(f"log_dir must be a path or None, got {type(log_dir).__name__}")
-        if not isinstance(log_checkpoints, bool) or (log_checkpoints and log_dir is None):
-            raise ValueError(f"log_checkpoints={log_checkpoints!r}: it must be True or False, and True needs a log_dir")
-        if config is not None and not isinstance(config, TrainConfig):
-            raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-        if isinstance(data, DataLoader) and config is None and "batch_size" not in options:
-            if data.batch_size is None:
-                raise ValueError("data: a DataLoader with a batch_sampler has no fixed batch size; pass batch_size=...")
-            options = {**options, "batch_size": data.batch_size}
-        cfg = TrainConfig(**options) if config is None else config.replace(**options)
-        if isinstance(data, DataLoader) and data.batch_size not in (None, cfg.batch_size):
-            raise ValueError(f"batch_size={cfg.batch_size} differs from the DataLoader's batch_size={data.batch_size}; "
-                             f"the loader's batches are the optimizer batches")
-        dist_ctx = resolve_distributed(distributed)
-        device = resolve_device(cfg.device)
-        if dist_ctx is not None:
-            device = dist_ctx.pick_device(cfg.device, device)
-        precision = resolve_precision(cfg.precision, device)
-        train_xy, eval_xy, spec = _split_data(data, eval_data)
-        n_train = len(train_xy[0]) if train_xy is not None else _length(data)
-        if n_train == 0:
-            raise ValueError("data: the training set is empty")
-        _check_batch_schedule(cfg, data, n_train)
-        if n_train is not None and cfg.batch_size > n_train:
-            raise ValueError(f"batch_size={cfg.batch_size} is larger than the training set ({n_train} examples); "
-                             f"use batch_size <= {n_train} (full-batch gradient descent is batch_size={n_train})")
-        loss_fn = resolve_loss(cfg.loss)
-        metrics = dict(cfg.metrics) if cfg.metrics is not None else (
-            {"accuracy": accuracy} if cfg.loss == "cross_entropy" else {})
-        sample = train_xy if train_xy is not None else _first_batch(data)
-        _check_fit(model, loss_fn, cfg.loss, sample[0][:2], sample[1][:2],
-                   all_labels=train_xy[1] if train_xy is not None else None, metrics=metrics)
-        # Batch norm that cannot normalise every batch is refused now; one that cannot normalise only
-        # the short last batch of an epoch is refused by the fit or step that would reach it (before
-        # it starts), so a trainer that takes a few steps stays possible. Data-parallel, each rank
-        # normalises its own share: not checked here.
-        every_batch, last_batch = _batch_norm_problems(model, n_train, cfg, data) if dist_ctx is None else (None, None)
-        if every_batch is not None:
-            raise ValueError(every_batch)
-        optimizer = _build_optimizer(cfg, model.parameters())   # a bad factory fails here, before any change
-        checkpointed(model, cfg.checkpoint_segments)  # checks the option (an nn.Sequential is needed)
-        if dist_ctx is not None:   # the split and the agreement of all ranks, still before any change
-            source = "tensors" if train_xy is not None else ("loader" if isinstance(data, DataLoader) else "dataset")
-            dist_ctx.check(cfg, n_train, model, device, source, train_xy)
-
-        # ---- build --------------------------------------------------------------------------
-        # Building reseeds and draws from the global generators and moves the model: should any
-        # of it still fail, the generators are put back, so a failed construction changes nothing.
+        # 1. Validate everything before any state changes.
+        setup = _validate(model, data, config, eval_data, distributed, log_dir, log_checkpoints, options)
+        # 2. Build. Building reseeds and draws from the global generators and moves the model: should
+        #    any of it still fail, the generators are put back, so a failed construction changes nothing.
         rng = _rng_state()
         try:
-            self._build(model, data, cfg, dist_ctx, device, precision, train_xy, eval_xy, spec, loss_fn,
-                        metrics, optimizer, log_dir, _sampled_population(data, n_train))
+            self._build(model, data, setup)
         except BaseException:
             _set_rng_state(rng)
             raise
-        self._last_batch_problem = last_batch
-        self._log_checkpoint = os.path.join(os.fspath(log_dir), "checkpoint.pt") if log_checkpoints else None
 
-    def _build(self, model, data, cfg, dist_ctx, device, precision, train_xy, eval_xy, spec, loss_fn,
-               metrics, optimizer, log_dir, population) -> None:
-        # Accumulating over batch norm normalises each micro-batch on its own: say so, once. Without
-        # accumulation the online noise scale splits its measured steps in two halves: the same caveat.
-        if cfg.accumulate == 1 and cfg.noise_scale_every is not None:
-            warn_accumulation_with_bn(model, cfg.batch_size, 2, stacklevel=3,
-                                      cause=f"noise_scale_every={cfg.noise_scale_every} (measured steps run as two half-batches)")
-        else:
-            warn_accumulation_with_bn(model, cfg.batch_size, cfg.accumulate, stacklevel=3)
-        self.config = cfg
-        self.device = device
-        self.precision = precision
-        self.data_spec = spec
+    def _build(self, model: nn.Module, data, s: _Setup) -> None:
+        cfg = s.config
+        _warn_split_batch_norm(model, cfg)
+        self.config, self.device, self.precision, self.data_spec = cfg, s.device, s.precision, s.spec
+        self.loss_fn, self.metrics, self._dist = s.loss_fn, s.metrics, s.dist
+        # the seeds: the global generator's (model-side draws) and the data order's, shared by all ranks
         if cfg.seed is not None:
             torch.manual_seed(cfg.seed)
         data_seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
-        if dist_ctx is not None:
-            data_seed = dist_ctx.shared_seed(data_seed)   # one permutation for all ranks
-            model = dist_ctx.convert_batchnorm(model)
-        before = list(model.parameters())
-        try:
-            self.model = model.to(device)
-        except NotImplementedError as err:   # e.g. a tensor without data that slipped past the checks
-            raise ValueError(f"model: it cannot be moved to {device} ({err}); give a model whose parameters "
-                             f"and buffers hold data") from err
-        if train_xy is not None:
-            self._train = TensorBatches(train_xy[0], train_xy[1], device, cfg.batch_size, cfg.drop_last,
-                                        data_seed, on_device=cfg.data_on_device, schedule=cfg.batch_schedule_value)
-        elif isinstance(data, DataLoader):
-            self._train = LoaderBatches(data, device)
-        else:
-            self._train = DatasetBatches(data, device, cfg.batch_size, cfg.drop_last, data_seed,
-                                         schedule=cfg.batch_schedule_value)
-        self._dist = dist_ctx
-        # What the training forward calls: the model, or checkpointed chunks of it; DDP when data-parallel.
-        self._net = checkpointed(self.model, cfg.checkpoint_segments)
-        if dist_ctx is not None:
-            self._train = dist_ctx.shard(self._train)   # this rank's share of each global batch
-            self._net = dist_ctx.wrap(self._net, device)
-        self._eval_data = eval_xy
-        self._eval_cache = None
-        self.loss_fn = loss_fn
-        self.metrics = metrics
-        if any(p is not q for p, q in zip(before, model.parameters())):
-            optimizer = _build_optimizer(cfg, model.parameters())   # .to() replaced the parameters
-        self.optimizer = optimizer
+        self._data_seed = s.dist.shared_seed(data_seed)
+        # the network: the plain model (the one saved) and the module the training forward calls
+        params_before = list(model.parameters())
+        self.model, self._net = _prepare_network(model, s.dist, s.device, cfg.checkpoint_segments)
+        # the batches: this rank's share of each global batch, already on the device
+        self._train = s.dist.shard(_batch_source(data, s.train_xy, s.device, cfg, self._data_seed))
+        self._eval_data, self._eval_cache = s.eval_xy, None
+        # the optimizer (built by the validation) and what the step needs besides
+        self.optimizer = s.optimizer
+        if any(p is not q for p, q in zip(params_before, self.model.parameters())):
+            self.optimizer = _build_optimizer(cfg, self.model.parameters())   # .to() replaced the parameters
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.scaler = _grad_scaler(device) if precision == "fp16" else None
-        self._autocast = autocast_context(precision, device)
+        self._build_step_helpers(s.population)
+        self._reset_progress()
+        self._callbacks: dict[str, list[Callable]] = {e: [] for e in EVENTS}
+        self._stop_requested = False
+        self._interrupted = False
+        self.error: BaseException | None = None   # the exception that ended the last fit as 'failed'
+        self._busy = threading.Lock()              # one fit / step / lr_find at a time
+        self._busy_what: str | None = None
+        self._busy_thread: int | None = None
+        self._last_batch_problem = s.last_batch_problem
+        self._log = RunLog(s.log_dir, cfg.to_dict()) if s.log_dir is not None and s.dist.is_main else None
+        self._log_checkpoint = s.log_checkpoint    # data-parallel: rank 0 writes both
+
+    def _build_step_helpers(self, population: int | None) -> None:
+        cfg, device = self.config, self.device
+        # Disabled (any precision but fp16), the scaler's scale() and unscale_() and update() do
+        # nothing and its step() is optimizer.step(): one code path for every precision.
+        self.scaler = _grad_scaler(device, enabled=self.precision == "fp16")
+        self._autocast = autocast_context(self.precision, device)
+        self._lr_override: Callable[[int], float] | None = None
+        self._current_lr: float | None = None
+        self._grad_transforms = self._gradient_transforms()
+        # The finite-population correction needs N, the examples each global batch is drawn from
+        # without replacement; None (McCandlish's 1/B) where the source does not say.
+        online = (OnlineNoiseScale(cfg.noise_scale_every, cfg.noise_scale_smoothing, population=population)
+                  if cfg.noise_scale_every is not None else None)
+        self._noise = _NoiseProbe(online, self._params, self._dist.world_size)
+        self._found_inf = torch.zeros(1, device=device)
+        # On the CPU the flag is read through a NumPy view of the same memory: ops there are
+        # synchronous, and this skips a torch call in every step.
+        self._found_host = self._found_inf.numpy() if device.type == "cpu" else None
+        self._one = torch.ones(1, device=device)
+        self._reads_memory = device.type != "cpu"   # the CPU keeps no allocator statistics
+
+    def _gradient_transforms(self) -> list[Callable[[], None]]:
+        """What happens to the summed gradients between the backward and the update, in order."""
+        cfg = self.config
+        transforms = []
+        if cfg.clip_grad_norm is not None or cfg.grad_noise > 0:
+            transforms.append(self._unscale)          # clip and noise act on true gradients (fp16)
+        if cfg.clip_grad_norm is not None:
+            transforms.append(self._clip)
+        if cfg.grad_noise > 0:
+            transforms.append(self._add_gradient_noise)
+        return transforms
+
+    def _reset_progress(self) -> None:
+        cfg = self.config
         self.peak_lr = scale_lr(cfg.lr, cfg.batch_size, cfg.base_batch_size or cfg.batch_size, cfg.scale_rule)
         self.history = History()
         self.step_count = 0              # optimizer steps completed
@@ -253,36 +229,12 @@ class Trainer:
         self.example_in_epoch = 0        # position of the next batch in that epoch's order, in examples
         self.examples_seen = 0
         self.train_time = 0.0            # seconds spent in training steps (evaluations excluded)
-        self._data_seed = data_seed
         self._horizon: int | None = None  # schedule length in steps, fixed by the first fit
         self._plan_end: int | None = None  # step at which the current fit ends
         self._plan_until: Target | None = None
         self._schedule: Schedule | None = None
-        self._batches = None
-        self._current_lr: float | None = None
-        self._stop_requested = False
-        self._interrupted = False
-        self._found_inf = torch.zeros(1, device=device)
-        # On the CPU the flag is read through a NumPy view of the same memory: ops there are
-        # synchronous, and this skips a torch call in every step.
-        self._found_host = self._found_inf.numpy() if device.type == "cpu" else None
-        self._one = torch.ones(1, device=device)
-        self._callbacks: dict[str, list[Callable]] = {e: [] for e in EVENTS}
-        self._reads_memory = device.type != "cpu"   # the CPU keeps no allocator statistics
-        self._noise = None
-        if cfg.noise_scale_every is not None:
-            # The finite-population correction needs N, the examples each global batch is drawn from
-            # without replacement; None (McCandlish's 1/B) where the source does not say.
-            self._noise = OnlineNoiseScale(cfg.noise_scale_every, cfg.noise_scale_smoothing,
-                                           population=population)
-        self.error: BaseException | None = None   # the exception that ended the last fit as 'failed'
-        self._busy = threading.Lock()              # one fit / step / lr_find at a time
-        self._busy_what: str | None = None
-        self._busy_thread: int | None = None
-        self._eval_pending = False                 # an evaluation due at step_count was not recorded
-        self._log = None
-        if log_dir is not None and (dist_ctx is None or dist_ctx.is_main):   # data-parallel: rank 0 writes
-            self._log = RunLog(log_dir, cfg.to_dict())
+        self._batches = None             # the live iterator over the current epoch's batches
+        self._eval_pending = False       # an evaluation due at step_count was not recorded
 
     # ------------------------------------------------------------------ small public surface
     @property
@@ -324,7 +276,7 @@ class Trainer:
     @property
     def lr(self) -> float:
         """The learning rate of the next step."""
-        return self._get_schedule()(self.step_count)
+        return (self._lr_override or self._get_schedule())(self.step_count)
 
     def add_callback(self, event: str, fn: Callable[["Trainer", dict], Any]) -> None:
         """Call ``fn(trainer, row)`` on ``event``: fit_start, step_end, eval_end or fit_end.
@@ -353,12 +305,12 @@ class Trainer:
     @property
     def rank(self) -> int:
         """This process's rank (0 without data parallelism)."""
-        return self._dist.rank if self._dist is not None else 0
+        return self._dist.rank
 
     @property
     def world_size(self) -> int:
         """Processes training together (1 without data parallelism)."""
-        return self._dist.world_size if self._dist is not None else 1
+        return self._dist.world_size
 
     @property
     def is_main_process(self) -> bool:
@@ -401,7 +353,7 @@ class Trainer:
             self._schedule = schedule
 
     def _trigger(self, event: str, row: dict) -> None:
-        if self._dist is not None and not self._dist.is_main:
+        if not self._dist.is_main:
             return   # data-parallel: prints and plots come from rank 0 only
         for fn in self._callbacks[event]:
             fn(self, row)
@@ -460,91 +412,84 @@ class Trainer:
 
     def _train_step(self) -> dict:
         t0 = time.perf_counter()
-        xb, yb = self._next_batch()                          # 1. the batch, already on the device
-        n = xb.shape[0]
-        world = 1
-        if self._dist is not None:                            # xb is this rank's share of a global batch of n
-            n, world = self._train.last_global_n, self._dist.world_size
-        lr = self._schedule(self.step_count)                  # 2. the scheduled lr (pure in the step)
+        xb, yb = self._next_batch()                           # 1. the batch (this rank's share), on the device
+        n = self._dist.global_batch_size(self._train, xb)     #    examples in the whole (global) batch
+        lr = self._apply_lr()                                 # 2. the scheduled lr (pure in the step)
+        self.optimizer.zero_grad(set_to_none=True)
+        k = min(self.config.accumulate, xb.shape[0])          # a short last batch may hold fewer examples
+        k = self._noise.split(self.step_count, k, xb.shape[0])
+        self._forward_backward(xb, yb, n, k)                  # 3. forward + backward per micro-batch
+        total, stop = self._dist.collect()                    #    the global batch's loss, on every rank
+        if stop:                                              #    some rank asked to stop: no rank updates
+            self._stop_requested = True
+            raise StopAgreed
+        loss_value, grads_finite = self._read_loss_and_check_grads(total)
+        if not (grads_finite and math.isfinite(loss_value)):  # 4. never apply a non-finite update
+            self._diverged(loss_value, lr)
+        noise = self._noise.measure(n, self.scaler)           #    (optional) the gradient noise scale
+        for transform in self._grad_transforms:               # 5. unscale, clip, add gradient noise
+            transform()
+        self.scaler.step(self.optimizer)                      # 6. the update (fp16: skipped on overflow)
+        self.scaler.update()
+        return self._record_step(t0, n, loss_value, lr, noise)  # 7. record
+
+    def _apply_lr(self) -> float:
+        """Set the optimizer's lr for this step (the schedule's, or an override's) and return it."""
+        lr = (self._lr_override or self._schedule)(self.step_count)
         if lr != self._current_lr:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self._current_lr = lr
-        self.optimizer.zero_grad(set_to_none=True)
-        k = min(self.config.accumulate, xb.shape[0])          # a short last batch may hold fewer examples
-        noise_due = self._noise is not None and self._noise.due(self.step_count) and xb.shape[0] > 1
-        if noise_due and k == 1:
-            k = 2   # the estimate needs a smaller batch: two half-batches (the same update up to rounding)
+        return lr
+
+    def _forward_backward(self, xb: torch.Tensor, yb: torch.Tensor, n: int, k: int) -> None:
+        """Forward and backward ``k`` micro-batches of ``(xb, yb)``; ``.grad`` then holds the batch's mean gradient.
+
+        The weighted loss sum goes to the data-parallel context (``collect`` returns it).
+        """
+        world = self._dist.world_size
         micro = zip(xb.tensor_split(k), yb.tensor_split(k)) if k > 1 else ((xb, yb),)
         total = None
-        sq_small = None
-        for i, (xm, ym) in enumerate(micro):                  # 3. forward + backward per micro-batch
+        for i, (xm, ym) in enumerate(micro):
             last = i == k - 1
-            with self._sync(last):                            # data-parallel: all-reduce on the last only
+            with self._dist.sync_context(self._net, last):    # data-parallel: all-reduce on the last only
                 with self._autocast:
                     try:
                         loss = self.loss_fn(self._net(xm), ym)
                     except (IndexError, RuntimeError) as err:
                         self._check_batch_labels(ym, err)   # a clearer error for a label out of range
                         raise
-                if k > 1 or world > 1:
-                    # Each micro-batch loss is a mean over its m examples; weighting it by m/n makes the
-                    # summed gradients those of the mean over all n examples, so K micro-batches give
-                    # exactly the update of one batch (uneven splits included). Over W processes the
-                    # weight is m*W/n, because DDP divides the summed gradients by W.
-                    loss = loss * ((xm.shape[0] * world) / n)
+                # Each micro-batch loss is a mean over its m examples; weighting it by m/n makes the
+                # summed gradients those of the mean over all n examples, so K micro-batches give
+                # exactly the update of one batch (uneven splits included). Over W processes the
+                # weight is m*W/n, because DDP divides the summed gradients by W. (A weight of
+                # exactly 1, one whole batch, would multiply by 1: skipped.)
+                weight = xm.shape[0] * world / n
+                if weight != 1.0:
+                    loss = loss * weight
                 total = loss.detach() if total is None else total + loss.detach()
-                if last and self._dist is not None:           # the loss and a stop request ride on DDP's
-                    self._dist.attach(total, self._stop_requested)   # gradient all-reduce
-                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            if noise_due and sq_small is None:
-                # .grad now holds (m*W/n) * g_small, the first micro-batch's mean gradient, weighted
-                # (not yet all-reduced: the first micro-batch runs under no_sync when data-parallel)
-                b_small = xm.shape[0]
-                sq_small = squared_grad_norm(self._params) * (n / (b_small * world)) ** 2
-        if self._dist is not None:
-            total, stop = self._dist.collect()                # the global batch's loss, on every rank
-            if stop:                                          # some rank asked to stop: no rank updates
-                self._stop_requested = True
-                raise StopAgreed
-        loss_value, grads_finite = self._read_loss_and_check_grads(total)
-        if not (grads_finite and math.isfinite(loss_value)):  # 4. never apply a non-finite update
-            self._diverged(loss_value, lr)
-        noise = self._noise.EMPTY if self._noise is not None else None
-        if noise_due:                                         # (optional) the gradient noise scale
-            sq_big = squared_grad_norm(self._params)
-            if self.scaler is None:
-                noise = self._noise.record(sq_small, sq_big, b_small, n)
-            else:
-                # Under fp16 an overflowed step reaches here (the scaler skips it below): its inf/nan
-                # norms would poison the EMA for the rest of the run, so such a step records nothing.
-                scale2 = self.scaler.get_scale() ** 2
-                sq_small, sq_big = sq_small / scale2, sq_big / scale2
-                if bool(torch.isfinite(sq_small) & torch.isfinite(sq_big)):
-                    noise = self._noise.record(sq_small, sq_big, b_small, n)
-        if self.config.clip_grad_norm is not None:            # 5. clip (on true, unscaled gradients)
-            if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self._params, self.config.clip_grad_norm)
-        if self.config.grad_noise > 0:                        # 5b. gradient noise N(0, eta/(1+t)^gamma)
-            if self.scaler is not None and self.config.clip_grad_norm is None:
-                self.scaler.unscale_(self.optimizer)
-            generator = None
-            if self._dist is not None:
-                # Every rank must add the same noise to the same all-reduced gradients, whatever its
-                # global generator did (unseeded, or dropout on uneven shards): draw it from the
-                # ranks' shared seed and the step.
-                seed = ((self._data_seed << 32) + self.step_count) % (1 << 63)   # any int seed, in manual_seed's range
-                generator = torch.Generator(self.device).manual_seed(seed)
-            add_gradient_noise(self._params, gradient_noise_std(self.step_count, self.config.grad_noise,
-                                                                self.config.grad_noise_gamma), generator)
-        if self.scaler is not None:                           # 6. the update
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+                if last:                                      # data-parallel, the loss and a stop request
+                    self._dist.attach(total, self._stop_requested)   # ride on DDP's gradient all-reduce
+                self.scaler.scale(loss).backward()
+            if i == 0:
+                self._noise.after_first(xm.shape[0], n)
+
+    # the gradient transforms (see _gradient_transforms), on the summed gradients of a finite step
+    def _unscale(self) -> None:
+        self.scaler.unscale_(self.optimizer)   # fp16: divide by the loss scale (once per step); else nothing
+
+    def _clip(self) -> None:
+        torch.nn.utils.clip_grad_norm_(self._params, self.config.clip_grad_norm)
+
+    def _add_gradient_noise(self) -> None:
+        # N(0, eta/(1+t)^gamma); data-parallel, drawn alike on every rank (see shared_generator)
+        generator = self._dist.shared_generator(self._data_seed, self.step_count, self.device)
+        std = gradient_noise_std(self.step_count, self.config.grad_noise, self.config.grad_noise_gamma)
+        add_gradient_noise(self._params, std, generator)
+
+    def _record_step(self, t0: float, n: int, loss_value: float, lr: float, noise: dict) -> dict:
         dt = time.perf_counter() - t0
-        self.step_count += 1                                  # 7. record
+        self.step_count += 1
         self.examples_seen += n
         self.train_time += dt
         self.batch_in_epoch += 1
@@ -557,8 +502,7 @@ class Trainer:
                "loss": loss_value, "lr": lr, "batch_size": n, "time": self.train_time,
                "examples_per_s": n / dt if dt > 0 else float("inf"),
                "peak_memory": peak_memory_bytes(self.device) if self._reads_memory else None}
-        if noise is not None:
-            row.update(noise)
+        row.update(noise)
         self.history.steps.append(row)
         return row
 
@@ -578,12 +522,9 @@ class Trainer:
                              + f"; class indices must lie in [0, classes - 1]. The trainer is still at step "
                              f"{self.step_count} ({err})") from err
 
-    def _sync(self, last: bool):
-        return self._dist.sync_context(self._net, last) if self._dist is not None else contextlib.nullcontext()
-
     def _read_loss_and_check_grads(self, loss: torch.Tensor) -> tuple[float, bool]:
         """The step's loss as a float, and whether every gradient is finite (one device sync)."""
-        if self.scaler is not None:
+        if self.scaler.is_enabled():
             # Under fp16 the scaler checks the gradients itself and skips such steps.
             return loss.item(), True
         # One fused pass over all gradients (the check GradScaler uses): an infinite gradient
@@ -608,19 +549,52 @@ class Trainer:
             f"Try a smaller lr, a warm-up (warmup='linear'), or gradient clipping (clip_grad_norm=1.0).",
             step=self.step_count + 1, lr=lr, loss=loss_value)
 
-    def step(self) -> dict:
+    def step(self, *, callbacks: bool = True) -> dict:
         """Run exactly one optimizer step (for interactive use) and return its history row.
 
-        The ``step_end`` callbacks run after it; no evaluation is made.
+        The ``step_end`` callbacks run after it (``callbacks=False``: none, for a tool's trial
+        steps); no evaluation is made. A step that fails (an error, an interrupt, a divergence)
+        leaves the trainer at its last step, its batch unread. A tool that holds the trainer
+        (``with trainer.exclusive("lr_find"):``) may call it inside its hold.
         """
-        with self.exclusive("step"):
+        if not isinstance(callbacks, bool):
+            raise TypeError(f"callbacks must be True or False, got {callbacks!r}")
+        with self._hold("step"):
             self._check_last_batch(1)
             self._stop_requested = False
             self._eval_pending = False   # a step moves on: an evaluation missed at the last step stays missed
-            self._get_schedule(self._horizon)
+            if self._lr_override is None:
+                self._get_schedule(self._horizon)
             row = self._guarded_step()
-            self._trigger("step_end", row)
+            if callbacks:
+                self._trigger("step_end", row)
             return row
+
+    @contextlib.contextmanager
+    def override_lr(self, lr_of_step: Callable[[int], float]):
+        """Within the block, each step's learning rate is ``lr_of_step(step)`` instead of the schedule's.
+
+        ``step`` is the trainer's ``step_count`` before the step. The schedule and the config are
+        left as they are: after the block the next step follows the schedule again. For tools
+        that try learning rates (``lr_find``) and hand-made policies.
+
+        Example:
+            >>> import torch
+            >>> x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+            >>> t = Trainer(torch.nn.Linear(8, 3), (x, y), batch_size=16, lr=0.1, seed=0)
+            >>> with t.override_lr(lambda step: 0.01 * 2 ** step):
+            ...     rows = [t.step(), t.step()]
+            >>> [r["lr"] for r in rows], t.step()["lr"]
+            ([0.01, 0.02], 0.1)
+        """
+        if not callable(lr_of_step):
+            raise TypeError(f"lr_of_step must be callable (step -> lr), got {type(lr_of_step).__name__}")
+        self._refuse_from_another_thread("override_lr")
+        previous, self._lr_override = self._lr_override, lr_of_step
+        try:
+            yield self
+        finally:
+            self._lr_override = previous
 
     def _refuse_from_another_thread(self, what: str) -> None:
         busy, thread = self._busy_what, self._busy_thread
@@ -633,14 +607,22 @@ class Trainer:
         if self._last_batch_problem is not None and steps >= self.steps_per_epoch - self.batch_in_epoch:
             raise ValueError(self._last_batch_problem)
 
+    def _hold(self, what: str):
+        """``exclusive(what)``; inside a tool's own hold (lr_find's), in that thread, nothing more."""
+        if self._busy_thread == threading.get_ident() and self._busy_what not in (None, "fit", "step"):
+            return contextlib.nullcontext(self)
+        return self.exclusive(what)
+
     @contextlib.contextmanager
     def exclusive(self, what: str):
         """Hold the trainer for one training call (``fit``, ``step``, ``lr_find``, ...).
 
         A second such call while one runs, from another thread or from a callback, is refused
         with a RuntimeError instead of interleaving two runs' steps on one model. ``fit``,
-        ``step`` and ``load_state_dict`` take it themselves; a tool that trains and then
-        undoes its steps (``lr_find``) holds it around its work.
+        ``step``, ``restore`` and ``load_state_dict`` take it themselves; a tool that trains and
+        then undoes its steps (``lr_find``) holds it around its work, and inside its hold calls
+        ``snapshot()``, ``step(callbacks=False)`` and ``restore()`` (the latter two then run in
+        the tool's hold).
         """
         if not self._busy.acquire(blocking=False):
             where = "from one of its callbacks" if self._busy_thread == threading.get_ident() else "in another thread"
@@ -670,13 +652,10 @@ class Trainer:
                 torch.cuda.set_rng_state(cuda_rng, self.device)
             self.optimizer.zero_grad(set_to_none=True)
             self._batches = None
-            if self.scaler is not None:
-                # The scaler may have unscaled this step's gradients already; until update() it
-                # would refuse every later step ("unscale_() has already been called"). A fresh
-                # scaler with the same scale and growth tracker forgets the half-done step.
-                scaler = _grad_scaler(self.device)
-                scaler.load_state_dict(self.scaler.state_dict())
-                self.scaler = scaler
+            # The scaler may have unscaled this step's gradients already; until update() it would
+            # refuse every later step ("unscale_() has already been called"). A fresh scaler with
+            # the same scale and growth tracker forgets the half-done step.
+            self.scaler = _fresh_scaler(self.scaler, self.device)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             raise
@@ -746,7 +725,7 @@ class Trainer:
             self._eval_pending = False
             reason = None
             while self.step_count < end:
-                if self._stop_requested and self._dist is None:
+                if self._stop_requested and not self._dist.data_parallel:   # (data-parallel: agreed in the step)
                     reason = "interrupted" if self._interrupted else "stopped"
                     break
                 epoch_before = self.epoch
@@ -945,7 +924,7 @@ class Trainer:
             "config": self.config.to_dict(),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "scaler": self.scaler.state_dict() or None,   # None (as ever) where the scaler is disabled
             "progress": {
                 "step": self.step_count, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "example_in_epoch": self.example_in_epoch, "examples": self.examples_seen,
@@ -967,10 +946,57 @@ class Trainer:
         a damaged history, missing progress) raises a ValueError and changes nothing.
         Refused while a fit or step runs (from a callback or another thread).
         """
-        if self._busy_thread == threading.get_ident() and self._busy_what not in (None, "fit", "step"):
-            return self._load_state(state)   # the holder (lr_find) putting back what it changed
-        with self.exclusive("load_state_dict"):
+        with self._hold("load_state_dict"):
             self._load_state(state)
+
+    def snapshot(self) -> "TrainerSnapshot":
+        """The whole training state, in memory, for ``restore``: try something, then come back exactly.
+
+        It holds a copy of ``state_dict()`` (model, optimizer, loss scaler, progress and data
+        position, History, random generators), the parameters' ``.grad``, every module's
+        train/eval mode and the schedule. A live pass over a DataLoader is set aside untouched:
+        steps after the snapshot read on from a fresh pass at the same position, and ``restore``
+        hands the original back, so the run goes on as if the steps between had never been
+        taken (bitwise on the CPU). Refused from another thread while a fit runs.
+
+        Example:
+            >>> import torch
+            >>> x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+            >>> t = Trainer(torch.nn.Linear(8, 3), (x, y), batch_size=16, lr=0.1, seed=0)
+            >>> saved = t.snapshot()
+            >>> _ = t.fit(steps=3, progress=False)
+            >>> t.restore(saved)
+            >>> t.step_count, len(t.history), saved
+            (0, 0, TrainerSnapshot(step=0))
+        """
+        self._refuse_from_another_thread("snapshot")
+        state = copy.deepcopy(self.state_dict())
+        grads = [None if p.grad is None else p.grad.detach().clone() for p in self._params]
+        modes = [m.training for m in self.model.modules()]
+        snap = TrainerSnapshot(self, state, grads, modes, self._schedule, self._batches)
+        self._batches = None
+        return snap
+
+    def restore(self, snapshot: "TrainerSnapshot") -> None:
+        """Put the trainer back exactly where ``snapshot()`` found it (see ``snapshot``).
+
+        A snapshot can be restored more than once (the set-aside DataLoader pass comes back the
+        first time; later restores read on from a fresh pass at the same position). Refused while
+        a fit or step runs; a tool holding the trainer (``exclusive``) may call it.
+        """
+        if not isinstance(snapshot, TrainerSnapshot):
+            raise TypeError(f"snapshot must come from Trainer.snapshot(), got {type(snapshot).__name__}")
+        if snapshot.trainer is not self:
+            raise ValueError("snapshot: it was taken of another trainer; restore it there (or use state_dict and "
+                             "load_state_dict to move a state between trainers)")
+        with self._hold("restore"):
+            self._load_state(copy.deepcopy(snapshot.state))   # a copy: the snapshot stays as it was
+            for p, g in zip(self._params, snapshot.grads):
+                p.grad = None if g is None else g.clone()
+            for module, training in zip(self.model.modules(), snapshot.modes):
+                module.training = training
+            self._schedule = snapshot.schedule
+            self._batches, snapshot.batches = snapshot.batches, None
 
     def _load_state(self, state: Mapping[str, Any]) -> None:
         # ---- parse and check everything; nothing below this block may fail on the state's content
@@ -1054,8 +1080,8 @@ class Trainer:
         except BaseException:
             self.optimizer.load_state_dict(before)
             raise
-        if self.scaler is not None and scaler:
-            self.scaler.load_state_dict(scaler)
+        if scaler:
+            self.scaler.load_state_dict(scaler)   # a disabled scaler ignores it
         self.step_count, self.epoch = p["step"], p["epoch"]
         self.batch_in_epoch, self.example_in_epoch = position
         self.examples_seen, self.train_time = p["examples"], p["train_time"]
@@ -1068,8 +1094,7 @@ class Trainer:
         self._current_lr = None
         self._batches = None
         self.history = history
-        if self._noise is not None:
-            self._noise.rebuild(self.history.steps)
+        self._noise.rebuild(self.history.steps)
         if cpu_rng is not None:
             torch.set_rng_state(cpu_rng.cpu())
         if rng.get("cuda") is not None and self.device.type == "cuda":
@@ -1083,7 +1108,7 @@ class Trainer:
         before it reads, so a file saved just before is complete.
         """
         self._refuse_from_another_thread("save")   # it would catch a step half done
-        if self._dist is not None and not self._dist.is_main:
+        if not self._dist.is_main:
             return
         path = os.fspath(path)
         directory = os.path.dirname(os.path.abspath(path))
@@ -1178,6 +1203,24 @@ class Trainer:
                 f"step={self.step_count}, epoch={self.epoch})")
 
 
+class TrainerSnapshot:
+    """A trainer's training state held in memory, from ``Trainer.snapshot()`` for ``Trainer.restore``."""
+
+    __slots__ = ("trainer", "state", "grads", "modes", "schedule", "batches")
+
+    def __init__(self, trainer: Trainer, state: dict, grads: list, modes: list, schedule, batches):
+        self.trainer, self.state, self.grads, self.modes = trainer, state, grads, modes
+        self.schedule, self.batches = schedule, batches
+
+    @property
+    def step(self) -> int:
+        """The step the trainer had completed when the snapshot was taken."""
+        return self.state["progress"]["step"]
+
+    def __repr__(self) -> str:
+        return f"TrainerSnapshot(step={self.step})"
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """Load a checkpoint safely (``weights_only=True``) onto the CPU."""
     import pickle
@@ -1202,6 +1245,174 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     if not isinstance(state, dict) or "model" not in state or "progress" not in state:
         raise ValueError(f"{path!r} is not an nbbatch checkpoint")
     return state
+
+
+# ---------------------------------------------------------------------- construction
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+    """What ``_validate`` checked and prepared for ``Trainer._build``; making it changed no state."""
+
+    config: TrainConfig
+    dist: DistContext | SingleProcess
+    device: torch.device
+    precision: str
+    train_xy: tuple | None          # in-memory training tensors; None for a Dataset or a DataLoader
+    eval_xy: Any
+    spec: Any                       # the built-in dataset's spec, for Trainer.load
+    loss_fn: Callable
+    metrics: dict
+    optimizer: torch.optim.Optimizer
+    population: int | None          # N for the online noise scale (see _sampled_population)
+    last_batch_problem: str | None  # what batch norm cannot normalise in the short last batch
+    log_dir: str | os.PathLike | None
+    log_checkpoint: str | None
+
+
+def _validate(model, data, config, eval_data, distributed, log_dir, log_checkpoints, options) -> _Setup:
+    """Check every argument of ``Trainer(...)``, raising on the first problem; change nothing."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_model(model)
+    if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
+        raise TypeError(f"log_dir must be a path or None, got {type(log_dir).__name__}")
+    if not isinstance(log_checkpoints, bool) or (log_checkpoints and log_dir is None):
+        raise ValueError(f"log_checkpoints={log_checkpoints!r}: it must be True or False, and True needs a log_dir")
+    cfg = _resolve_config(data, config, options)
+    dist = resolve_distributed(distributed) or SingleProcess()
+    device = dist.pick_device(cfg.device, resolve_device(cfg.device))
+    precision = resolve_precision(cfg.precision, device)
+    train_xy, eval_xy, spec = _split_data(data, eval_data)
+    n_train = len(train_xy[0]) if train_xy is not None else _length(data)
+    if n_train == 0:
+        raise ValueError("data: the training set is empty")
+    _check_batch_schedule(cfg, data, n_train)
+    if n_train is not None and cfg.batch_size > n_train:
+        raise ValueError(f"batch_size={cfg.batch_size} is larger than the training set ({n_train} examples); "
+                         f"use batch_size <= {n_train} (full-batch gradient descent is batch_size={n_train})")
+    loss_fn = resolve_loss(cfg.loss)
+    metrics = dict(cfg.metrics) if cfg.metrics is not None else (
+        {"accuracy": accuracy} if cfg.loss == "cross_entropy" else {})
+    sample = train_xy if train_xy is not None else _first_batch(data)
+    _check_fit(model, loss_fn, cfg.loss, sample[0][:2], sample[1][:2],
+               all_labels=train_xy[1] if train_xy is not None else None, metrics=metrics)
+    # Batch norm that cannot normalise every batch is refused now; one that cannot normalise only
+    # the short last batch of an epoch is refused by the fit or step that would reach it (before
+    # it starts), so a trainer that takes a few steps stays possible. Data-parallel, each rank
+    # normalises its own share: not checked here.
+    every_batch, last_batch = ((None, None) if dist.data_parallel
+                               else _batch_norm_problems(model, n_train, cfg, data))
+    if every_batch is not None:
+        raise ValueError(every_batch)
+    optimizer = _build_optimizer(cfg, model.parameters())   # a bad factory fails here, before any change
+    check_checkpointed(model, cfg.checkpoint_segments)       # an nn.Sequential, when checkpointing
+    source = "tensors" if train_xy is not None else ("loader" if isinstance(data, DataLoader) else "dataset")
+    dist.check(cfg, n_train, model, device, source, train_xy)   # the split, and the agreement of all ranks
+    return _Setup(cfg, dist, device, precision, train_xy, eval_xy, spec, loss_fn, metrics, optimizer,
+                  _sampled_population(data, n_train), last_batch, log_dir,
+                  os.path.join(os.fspath(log_dir), "checkpoint.pt") if log_checkpoints else None)
+
+
+def _resolve_config(data, config, options: dict) -> TrainConfig:
+    """The run's TrainConfig: ``config`` (or the defaults) with ``options`` applied; a DataLoader's batch size."""
+    if config is not None and not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if isinstance(data, DataLoader) and config is None and "batch_size" not in options:
+        if data.batch_size is None:
+            raise ValueError("data: a DataLoader with a batch_sampler has no fixed batch size; pass batch_size=...")
+        options = {**options, "batch_size": data.batch_size}
+    cfg = TrainConfig(**options) if config is None else config.replace(**options)
+    if isinstance(data, DataLoader) and data.batch_size not in (None, cfg.batch_size):
+        raise ValueError(f"batch_size={cfg.batch_size} differs from the DataLoader's batch_size={data.batch_size}; "
+                         f"the loader's batches are the optimizer batches")
+    return cfg
+
+
+def _warn_split_batch_norm(model: nn.Module, cfg: TrainConfig) -> None:
+    # Accumulating over batch norm normalises each micro-batch on its own: say so, once. Without
+    # accumulation the online noise scale splits its measured steps in two halves: the same caveat.
+    # (stacklevel: this function, Trainer._build, Trainer.__init__, then the caller.)
+    if cfg.accumulate == 1 and cfg.noise_scale_every is not None:
+        warn_accumulation_with_bn(model, cfg.batch_size, 2, stacklevel=4,
+                                  cause=f"noise_scale_every={cfg.noise_scale_every} (measured steps run as two half-batches)")
+    else:
+        warn_accumulation_with_bn(model, cfg.batch_size, cfg.accumulate, stacklevel=4)
+
+
+def _prepare_network(model: nn.Module, dist, device: torch.device, segments: int) -> tuple[nn.Module, nn.Module]:
+    """The model on the device, and the module the training forward calls.
+
+    One pipeline: batch norm converted for data parallelism (SyncBatchNorm when asked), the
+    model moved to the device, activation recomputation (checkpointed chunks, ``segments >= 2``)
+    and the data-parallel wrapper (DDP); the last three steps leave a single process's model as it is.
+    """
+    model = dist.convert_batchnorm(model)
+    try:
+        model = model.to(device)
+    except NotImplementedError as err:   # e.g. a tensor without data that slipped past the checks
+        raise ValueError(f"model: it cannot be moved to {device} ({err}); give a model whose parameters "
+                         f"and buffers hold data") from err
+    return model, dist.wrap(checkpointed(model, segments), device)
+
+
+def _batch_source(data, train_xy, device: torch.device, cfg: TrainConfig, seed: int):
+    """The training batches: tensors sliced by index, a Dataset read in the seeded order, or a DataLoader."""
+    if train_xy is not None:
+        return TensorBatches(train_xy[0], train_xy[1], device, cfg.batch_size, cfg.drop_last, seed,
+                             on_device=cfg.data_on_device, schedule=cfg.batch_schedule_value)
+    if isinstance(data, DataLoader):
+        return LoaderBatches(data, device)
+    return DatasetBatches(data, device, cfg.batch_size, cfg.drop_last, seed, schedule=cfg.batch_schedule_value)
+
+
+# ---------------------------------------------------------------------- the step's observers
+class _NoiseProbe:
+    """The online gradient noise scale (``noise_scale_every``), watching a step's micro-batch gradients.
+
+    On a measured step it reads the squared gradient norm after the first micro-batch's backward
+    (the small batch) and after the last one (the big batch, all-reduced when data-parallel);
+    ``OnlineNoiseScale`` turns the pair into the History's columns. With the option off every
+    call does nothing and the rows get no noise columns.
+    """
+
+    def __init__(self, online: OnlineNoiseScale | None, params: list[torch.Tensor], world: int):
+        self.online, self.params, self.world = online, params, world
+        self.idle = {} if online is None else online.EMPTY   # the columns of an unmeasured step
+        self.due = False
+        self.b_small = 0
+        self.sq_small: torch.Tensor | None = None
+
+    def split(self, step: int, k: int, local: int) -> int:
+        """The micro-batches to run: ``k``, or two on a measured step that would run one."""
+        self.due = self.online is not None and self.online.due(step) and local > 1
+        if self.due and k == 1:
+            return 2   # the estimate needs a smaller batch: two half-batches (the same update up to rounding)
+        return k
+
+    def after_first(self, b_small: int, n: int) -> None:
+        if self.due:
+            # .grad now holds (m*W/n) * g_small, the first micro-batch's mean gradient, weighted
+            # (not yet all-reduced: the first micro-batch runs under no_sync when data-parallel)
+            self.b_small = b_small
+            self.sq_small = squared_grad_norm(self.params) * (n / (b_small * self.world)) ** 2
+
+    def measure(self, n: int, scaler) -> dict:
+        """After the last backward: this step's noise-scale columns for the History."""
+        if not self.due:
+            return self.idle
+        self.due = False
+        # fp16: the gradients are scaled by the loss scale (1.0 without fp16), and an overflowed
+        # step reaches here (the scaler skips it): its inf/nan norms would poison the EMA for the
+        # rest of the run, so such a step records nothing.
+        scale2 = scaler.get_scale() ** 2
+        sq_small, sq_big = self.sq_small / scale2, squared_grad_norm(self.params) / scale2
+        if not bool(torch.isfinite(sq_small) & torch.isfinite(sq_big)):
+            return self.online.EMPTY
+        return self.online.record(sq_small, sq_big, self.b_small, n)
+
+    def rebuild(self, steps) -> None:
+        """Recompute the EMA from a History's step table (after loading a state)."""
+        if self.online is not None:
+            self.online.rebuild(steps)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -1279,11 +1490,18 @@ def _flag_nonfinite(tensors: list[torch.Tensor], found: torch.Tensor, one: torch
             found.fill_(1.0)
 
 
-def _grad_scaler(device: torch.device):
+def _grad_scaler(device: torch.device, enabled: bool):
     amp = getattr(torch, "amp", None)
     if amp is not None and hasattr(amp, "GradScaler"):
-        return amp.GradScaler(device.type)
-    return torch.cuda.amp.GradScaler()  # pragma: no cover - torch < 2.3
+        return amp.GradScaler(device.type, enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled)  # pragma: no cover - torch < 2.3
+
+
+def _fresh_scaler(scaler, device: torch.device):
+    """A new scaler with ``scaler``'s state (scale, growth tracker), forgetting any half-done step."""
+    fresh = _grad_scaler(device, enabled=scaler.is_enabled())
+    fresh.load_state_dict(scaler.state_dict())   # a disabled one ignores it
+    return fresh
 
 
 def _build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:

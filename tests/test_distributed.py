@@ -364,3 +364,37 @@ def test_cli_train_runs_unchanged_under_torchrun(tmp_path):
     for k in b["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=1e-5)
     assert a["history"] is not None
+
+
+# ---------------------------------------------------------------------------- one process
+def test_single_process_has_the_data_parallel_interface_and_every_call_is_a_no_op():
+    import inspect
+
+    from nbbatch.distributed import DistContext, SingleProcess
+
+    ctx = SingleProcess()
+    for name, member in vars(DistContext).items():   # what a Trainer may call on either
+        if name.startswith("_"):
+            continue
+        assert hasattr(ctx, name), name
+        if inspect.isfunction(member):
+            assert inspect.signature(getattr(SingleProcess, name)).parameters.keys() == \
+                inspect.signature(member).parameters.keys(), name
+    assert (ctx.rank, ctx.world_size, ctx.is_main, ctx.data_parallel, DistContext.data_parallel) == (0, 1, True, False, True)
+    model, source, cpu = nn.Linear(2, 2), object(), torch.device("cpu")
+    assert ctx.convert_batchnorm(model) is model and ctx.wrap(model, cpu) is model and ctx.shard(source) is source
+    assert ctx.pick_device("auto", cpu) is cpu and ctx.shared_seed(7) == 7 and ctx.shared_generator(7, 3, cpu) is None
+    assert ctx.check(None, 10, model, cpu, "tensors") is None and ctx.barrier() is None
+    assert ctx.global_batch_size(source, torch.zeros(5, 2)) == 5
+    with ctx.sync_context(model, last=False):
+        model(torch.ones(1, 2)).sum().backward()     # no DDP: the gradients are there at once
+    assert model.weight.grad is not None
+    loss = torch.tensor(0.25)
+    ctx.attach(loss, stop=True)                      # one process stops between steps, never in one
+    assert ctx.collect() == (loss, False) and ctx.collect() == (None, False)
+
+
+def test_a_trainer_without_data_parallelism_is_rank_0_of_1():
+    x, y = toy_data()
+    t = Trainer(make_mlp(), (x, y), batch_size=20, distributed=False)
+    assert (t.rank, t.world_size, t.is_main_process) == (0, 1, True)

@@ -88,12 +88,16 @@ def test_a_metric_failing_at_an_evaluation_fails_the_fit_and_the_evaluation_is_m
         return (out.argmax(1) == y).float().mean()
 
     t = make(toy, metrics={"accuracy": acc})
-    t.add_callback("step_end", lambda tr, row: broken.__setitem__("now", row["step"] == 12))
+
+    def break_at_12(tr, row):
+        broken["now"] = row["step"] == 12
+
+    t.add_callback("step_end", break_at_12)
     with pytest.raises(ZeroDivisionError):
         t.fit(epochs=2)
     assert t.history.events[-1]["event"] == "failed" and t.step_count == 13
     broken["now"] = False
-    t._callbacks["step_end"].clear()
+    t.remove_callback("step_end", break_at_12)
     t.fit()
     assert same_weights(t.model, ref.model) and columns(t.history) == columns(ref.history)
 
@@ -384,9 +388,14 @@ def test_launch_rendezvous_is_not_reachable_from_other_interfaces():
 # ---------------------------------------------------------------------------- the run log
 def test_the_run_log_holds_what_the_history_holds(toy, tmp_path):
     t = make(toy, log_dir=tmp_path / "log")
-    t.add_callback("step_end", lambda tr, row: tr.request_stop() if row["step"] == 9 else None)
+
+    def stop_at_9(tr, row):
+        if row["step"] == 9:
+            tr.request_stop()
+
+    t.add_callback("step_end", stop_at_9)
     t.fit(epochs=2)
-    t._callbacks["step_end"].clear()
+    t.remove_callback("step_end", stop_at_9)
     t.fit()
     logged = History.read(tmp_path / "log")
     assert columns(logged) == columns(t.history) and logged.steps["time"] == t.history.steps["time"]

@@ -180,13 +180,18 @@ def test_sigint_finishes_the_step_then_raises_and_resumes_exactly(toy):
 
     model = make_mlp()
     t = Trainer(model, (x, y), **opts)
-    t.add_callback("step_end", lambda tr, row: os.kill(os.getpid(), signal.SIGINT) if row["step"] == 5 else None)
+
+    def interrupt_at_5(tr, row):
+        if row["step"] == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    t.add_callback("step_end", interrupt_at_5)
     with pytest.raises(KeyboardInterrupt, match="after step 5"):
         t.fit(epochs=2)
     assert t.step_count == 5 and len(t.history) == 5
     assert t.history.events[-1]["event"] == "interrupted"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # handler restored
-    t._callbacks["step_end"].clear()
+    t.remove_callback("step_end", interrupt_at_5)
     t.fit()
     assert same_weights(model, full_model)
 
@@ -526,7 +531,7 @@ def test_bad_data_is_rejected(toy):
 
 
 def test_bad_fit_arguments_change_nothing(toy):
-    t = Trainer(make_mlp(), toy, batch_size=50, warmup="linear", warmup_steps=10)
+    t = Trainer(make_mlp(), toy, batch_size=50, warmup="linear", warmup_steps=10, decay="cosine")
     before = weights(t.model)
     with pytest.raises(ValueError, match="warm-up \\(10 steps\\) is longer than the run \\(4 steps\\)"):
         t.fit(epochs=1)
@@ -538,10 +543,12 @@ def test_bad_fit_arguments_change_nothing(toy):
         t.fit(steps=1.5)
     with pytest.raises(ValueError, match="not both"):
         t.fit(epochs=1, steps=3)
-    assert t.step_count == 0 and len(t.history) == 0 and t._schedule is None
+    assert t.step_count == 0 and len(t.history) == 0
     assert all(torch.equal(a, b) for a, b in zip(before, weights(t.model)))
-    t.fit(epochs=3)          # a valid call still works afterwards
-    assert t.step_count == 12
+    t.fit(epochs=3)          # a valid call still works afterwards, on the schedule a fresh trainer makes
+    fresh = Trainer(make_mlp(), toy, batch_size=50, warmup="linear", warmup_steps=10, decay="cosine")
+    fresh.fit(epochs=3)
+    assert t.step_count == 12 and t.history.steps["lr"] == fresh.history.steps["lr"]
 
 
 def test_config_round_trip():
