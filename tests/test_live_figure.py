@@ -62,6 +62,7 @@ def test_x_limits_grow_by_quarters_of_the_planned_end():
     assert x_limits(0, 63, 1000) == (0.0, 250.0)
     assert x_limits(0, 251, 1000) == (0.0, 1000.0)
     assert x_limits(0, 1200, 1000) == (0.0, 2500.0)       # past the end (more epochs): round, with room
+    assert x_limits(0, 30, 1000, whole=True) == (0.0, 1000.0)   # a run of seconds: its whole range at once
     assert x_limits(0, 3.2, None)[0] == 0.0 and 6.4 <= x_limits(0, 3.2, None)[1] <= 8.0
     # over a run the right limit changes about log4(end / first) times
     seen = {x_limits(0, x, 10_000)[1] for x in np.linspace(10, 10_000, 500)}
@@ -95,6 +96,18 @@ def test_a_run_renders_the_axes_a_few_times_and_frames_show_its_data():
 def _snap(h):
     from nbbatch.ui.plots import snapshot
     return snapshot(h)
+
+
+def test_a_short_run_shows_its_whole_x_range_from_the_first_frame():
+    h = _history(300)                                      # 3 s of training for 300 steps
+    fig = LiveFigure(["a"])
+    fig.x_end = 3000                                       # 30 s at this pace: the axis grows
+    fig.png([h])
+    assert fig.axes["loss"].get_xlim() == (0.0, 3000 / 4)
+    fig = LiveFigure(["a"])
+    fig.x_end = 1200                                       # 12 s: the whole run at once
+    fig.png([h])
+    assert fig.axes["loss"].get_xlim() == (0.0, 1200.0)
 
 
 def test_kept_titles_are_redrawn_when_a_title_changes():

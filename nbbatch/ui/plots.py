@@ -34,6 +34,7 @@ X_AXES = {"step": "optimizer step", "examples": "examples seen", "time": "traini
 # (y column, title) of the 2x2 panels; "metric" is the evaluation's metric (test accuracy)
 PANELS = (("loss", "loss"), ("metric", "test metric"), ("lr", "learning rate"), ("examples_per_s", "examples/s"))
 SMOOTH_FRACTION = 0.02       # the smoothed loss averages over ~2% of the run (at least 5 steps)
+SHORT_RUN_S = 20.0           # a run expected to end within this many seconds shows its whole x range at once
 LABEL_X, LABEL_Y = -0.13, -0.12   # axis label positions in axes fractions (below, left of the ticks)
 
 
@@ -124,12 +125,13 @@ def _nice(lo: float, hi: float, log: bool) -> tuple[float, float]:
     return float(min(ticks[0], lo)), float(max(ticks[-1], hi))
 
 
-def x_limits(x0: float, x1: float, end: float | None) -> tuple[float, float]:
+def x_limits(x0: float, x1: float, end: float | None, whole: bool = False) -> tuple[float, float]:
     """The x limits for data from ``x0`` to ``x1`` of a run planned to end at ``end``.
 
     The right limit is ``end / 4**k`` for the largest ``k`` that still shows the data, so the
-    axis changes about ``log4(end / x1)`` times in a run; without an end (or past it) it is the
-    next round value above twice the data.
+    axis changes about ``log4(end / x1)`` times in a run (``whole``: ``end`` at once, for a run
+    that ends in seconds anyway); without an end (or past it) it is the next round value above
+    twice the data.
 
     Example:
         >>> x_limits(0, 30, 1000), x_limits(0, 300, 1000), x_limits(0, 30, None)
@@ -137,7 +139,7 @@ def x_limits(x0: float, x1: float, end: float | None) -> tuple[float, float]:
     """
     start = float(min(x0, 0.0))                # steps, examples and seconds start at 0
     if end is not None and 0 < x1 <= end:
-        k = max(0, math.floor(math.log(end / x1, 4) + 1e-9))
+        k = 0 if whole else max(0, math.floor(math.log(end / x1, 4) + 1e-9))
         return start, float(end / 4.0 ** k)
     return _nice(start, start + 2.0 * max(x1 - start, 1e-12), log=False)
 
@@ -293,6 +295,7 @@ class LiveFigure:
         self._key = None
         self._fitted: set = set()     # axes whose limits were set from data once
         self.x_end: float | None = None   # the x axis grows no further (the run's last step), when known
+        self._short = False
         self.full_draws = 0
         self._noise_ax = None
         self.renders = 0
@@ -331,6 +334,12 @@ class LiveFigure:
         self.axes["test metric"].set_title(name, fontsize=10)
         self.axes["test metric"].set_ylabel(name, fontsize=9)
         cols = self._columns
+        self._short = False       # the runs end within SHORT_RUN_S at their pace so far: no growing x axis
+        if self.x_end is not None:
+            for s in snaps:
+                xs, ts = s["steps"].get(self.x, []), s["steps"].get("time", [])
+                if len(xs) and len(ts) and xs[-1] and ts[-1] and float(ts[-1]) * self.x_end / float(xs[-1]) <= SHORT_RUN_S:
+                    self._short = True
         peaks, noise, losses = [], [], []
         for i, s in enumerate(snaps):
             st, ev = s["steps"], s["evals"]
@@ -416,7 +425,7 @@ class LiveFigure:
         (cx0, cx1), (cy0, cy1) = ax.get_xlim(), ax.get_ylim()
         log = ax.get_yscale() == "log" and y0 > 0
         if first or x0 < cx0 or x1 > cx1:
-            ax.set_xlim(*x_limits(x0, x1, self.x_end))
+            ax.set_xlim(*x_limits(x0, x1, self.x_end, whole=self._short))
         f = (lambda v: math.log10(v)) if log else (lambda v: v)
         inv = (lambda v: 10.0 ** v) if log else (lambda v: v)
         old_ok = not first and (not log or cy0 > 0)
@@ -513,7 +522,7 @@ class Refresher:
     """
 
     def __init__(self, draw: Callable[[], None], interval: float = 1.0, budget: float = 0.08,
-                 tick: Callable[[], None] | None = None, first: float = 0.3, max_gap: float = 1.8):
+                 tick: Callable[[], None] | None = None, first: float = 0.5, max_gap: float = 1.8):
         for name, value in (("refresh interval", interval), ("first", first), ("max_gap", max_gap)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
                 raise ValueError(f"{name} must be a number > 0 seconds, got {value!r}")
