@@ -182,6 +182,8 @@ def main(argv=None) -> int:
     ap.add_argument("--notebooks", default=os.path.join(ROOT, "notebooks", "[0-9]*.ipynb"), help="glob of notebooks")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per cell")
     ap.add_argument("--malloc-arena-max", default=None, help="MALLOC_ARENA_MAX for the kernels (default: unset)")
+    ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                    help="an environment variable for the kernels (repeatable), e.g. what binder/start exports")
     ap.add_argument("--no-cgroup", action="store_true", help="run without a memory box (measure only)")
     ap.add_argument("--json", default=None, help="write the records here")
     args = ap.parse_args(argv)
@@ -195,6 +197,11 @@ def main(argv=None) -> int:
     env.pop("MPLBACKEND", None)
     if args.malloc_arena_max:
         env["MALLOC_ARENA_MAX"] = str(args.malloc_arena_max)
+    for item in args.env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            ap.error(f"--env {item!r}: give NAME=VALUE")
+        env[name] = value
     box = None if args.no_cgroup else Box(_size(args.memory), args.cpus, f"nbbatch-session-{os.getpid()}")
     print(f"# simulated participant: {len(notebooks)} notebooks in order, kernels kept: "
           f"{args.keep or 'all'}; box: {'none' if box is None else f'{args.memory}, {args.cpus:g} CPU, cgroup v{box.version}'}; "

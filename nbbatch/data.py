@@ -9,20 +9,22 @@ Sources:
 
 - :func:`mnist1d`: Greydanus' MNIST-1D, generated offline with ``mnist1d.data.make_dataset``
   (never its downloading ``get_dataset``) and cached as ``.npz``.
-- :func:`digits`: scikit-learn's 8x8 digits, shipped with scikit-learn.
+- :func:`digits`: scikit-learn's 8x8 digits, shipped with scikit-learn (the split cached as ``.npz``).
 - :func:`linear_regression`, :func:`teacher_student`: synthetic problems whose true
   parameters are kept in ``bundle.info``, so gradient statistics have known answers.
 - :func:`read_idx`, :func:`idx_dataset`: MNIST-format IDX files the user already has.
   The IDX parser is written by hand because no maintained, dependency-free library
   reads IDX files into tensors (torchvision's reader is private and pulls in torchvision).
 
-Nothing here runs at import time; ``mnist1d`` and ``sklearn`` are imported lazily.
+Nothing here runs at import time; ``mnist1d`` and ``sklearn`` are imported lazily, and only
+when their data are not cached yet.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.metadata
 import json
 import math
 import numbers
@@ -254,6 +256,15 @@ def _save_npz_atomic(path: Path, arrays: dict) -> None:
                 pass
 
 
+def _cached(path: Path, make) -> dict:
+    """The arrays cached at ``path``, or ``make()``'s, written there for next time."""
+    arrays = _load_npz(path)
+    if arrays is None:
+        arrays = make()
+        _save_npz_atomic(path, arrays)
+    return arrays
+
+
 def _make_mnist1d(num_samples: int, train_split: float, seed: int) -> dict:
     import mnist1d.data as mnist1d_data  # lazy: it imports matplotlib
 
@@ -275,15 +286,22 @@ def _make_mnist1d(num_samples: int, train_split: float, seed: int) -> dict:
     }
 
 
-def _mnist1d_cache_path(directory: Path, num_samples: int, train_split: float, seed: int) -> Path:
-    import mnist1d.data as mnist1d_data
+def _generator_version(package: str) -> str:
+    """The installed version of ``package`` read from its metadata (the package is not imported)."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not-installed"     # a miss then; generating raises the ImportError that says so
 
-    # Key on every generator argument (not only ours), so a mnist1d release that
-    # changes a default cannot serve a stale file.
-    args = dict(mnist1d_data.get_dataset_args(as_dict=True))
-    args.update(num_samples=num_samples, train_split=train_split, seed=seed)
-    args.pop("url", None)
-    digest = hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:12]
+
+def _mnist1d_cache_path(directory: Path, num_samples: int, train_split: float, seed: int) -> Path:
+    # Keyed on our arguments and on the installed mnist1d's version (which fixes the defaults of
+    # its other generator arguments), read from the package metadata: a cache hit never imports
+    # mnist1d, which imports scipy and matplotlib (about 50 MiB a kernel), and a mnist1d release
+    # that changes a default cannot serve a stale file.
+    key = {"generator": "mnist1d.data.make_dataset", "version": _generator_version("mnist1d"),
+           "num_samples": num_samples, "train_split": train_split, "seed": seed, "format": 1}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return directory / f"mnist1d_n{num_samples}_split{train_split!r}_seed{seed}_{digest}.npz"
 
 
@@ -327,12 +345,8 @@ def mnist1d(
             f"num_samples={num_samples} with train_split={train_split} leaves an empty train or "
             f"test set ({n_train} train / {total - n_train} test); raise num_samples or move train_split"
         )
-    directory = _cache_dir(cache_dir)
-    path = _mnist1d_cache_path(directory, num_samples, train_split, seed)
-    arrays = _load_npz(path)
-    if arrays is None:
-        arrays = _make_mnist1d(num_samples, train_split, seed)
-        _save_npz_atomic(path, arrays)
+    path = _mnist1d_cache_path(_cache_dir(cache_dir), num_samples, train_split, seed)
+    arrays = _cached(path, lambda: _make_mnist1d(num_samples, train_split, seed))
     x_train, y_train = torch.from_numpy(arrays["x"]), torch.from_numpy(arrays["y"])
     x_test, y_test = torch.from_numpy(arrays["x_test"]), torch.from_numpy(arrays["y_test"])
     return DataBundle(
@@ -348,15 +362,35 @@ def mnist1d(
 # ---------------------------------------------------------------------------
 
 
-def digits(test_fraction: float = 0.2, seed: int = 0) -> DataBundle:
+def _make_digits(test_fraction: float, seed: int) -> dict:
+    from sklearn.datasets import load_digits  # lazy: sklearn (and scipy) are slow and large to import
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    # Stratify so every class keeps its share in both splits, even for small test sets.
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction, random_state=seed, stratify=y)
+    # 16 is the largest pixel value in load_digits (4x4 blocks of 0/1 pixels summed).
+    return {
+        "x": np.ascontiguousarray(x_tr / 16.0, dtype=np.float32),
+        "y": np.ascontiguousarray(y_tr, dtype=np.int64),
+        "x_test": np.ascontiguousarray(x_te / 16.0, dtype=np.float32),
+        "y_test": np.ascontiguousarray(y_te, dtype=np.int64),
+    }
+
+
+def digits(test_fraction: float = 0.2, seed: int = 0, cache_dir: Optional[PathLike] = None) -> DataBundle:
     """scikit-learn's 8x8 handwritten digits (1797 images, shipped offline).
 
     Pixels are scaled from 0..16 to [0, 1] and flattened to 64 features; the
-    train/test split is stratified by class and seeded.
+    train/test split is stratified by class and seeded. The split is cached as ``.npz`` like
+    :func:`mnist1d`'s data (keyed on the arguments and scikit-learn's version), so a kernel
+    that finds it does not import scikit-learn and scipy at all.
 
     Args:
         test_fraction: Fraction of samples in the test set, in (0, 1).
         seed: Seed of the split.
+        cache_dir: Directory for the ``.npz`` cache (``None``: ``$NBBATCH_CACHE``, else
+            ``~/.cache/nbbatch``).
 
     Returns:
         A :class:`DataBundle`, x float32 ``(N, 64)``, y int64, 10 classes.
@@ -367,17 +401,13 @@ def digits(test_fraction: float = 0.2, seed: int = 0) -> DataBundle:
     """
     test_fraction = _check_float("test_fraction", test_fraction, 0.0, 1.0, low_open=True, high_open=True)
     seed = _check_seed(seed)
-    from sklearn.datasets import load_digits  # lazy: sklearn is slow to import
-    from sklearn.model_selection import train_test_split
-
-    x, y = load_digits(return_X_y=True)
-    # Stratify so every class keeps its share in both splits, even for small test sets.
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction, random_state=seed, stratify=y)
-    # 16 is the largest pixel value in load_digits (4x4 blocks of 0/1 pixels summed).
-    x_train = torch.from_numpy(np.ascontiguousarray(x_tr / 16.0, dtype=np.float32))
-    x_test = torch.from_numpy(np.ascontiguousarray(x_te / 16.0, dtype=np.float32))
-    y_train = torch.from_numpy(np.ascontiguousarray(y_tr, dtype=np.int64))
-    y_test = torch.from_numpy(np.ascontiguousarray(y_te, dtype=np.int64))
+    key = {"generator": "sklearn.datasets.load_digits", "version": _generator_version("scikit-learn"),
+           "test_fraction": test_fraction, "seed": seed, "format": 1}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    path = _cache_dir(cache_dir) / f"digits_test{test_fraction!r}_seed{seed}_{digest}.npz"
+    arrays = _cached(path, lambda: _make_digits(test_fraction, seed))
+    x_train, y_train = torch.from_numpy(arrays["x"]), torch.from_numpy(arrays["y"])
+    x_test, y_test = torch.from_numpy(arrays["x_test"]), torch.from_numpy(arrays["y_test"])
     return DataBundle(
         x_train, y_train, x_test, y_test,
         num_classes=10,

@@ -524,3 +524,67 @@ def test_module_has_no_eager_heavy_imports():
         for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])
     }
     assert "mnist1d" not in top_level and "sklearn" not in top_level
+
+
+# ---------------------------------------------------------------------------
+# The .npz cache: a hit imports no generator; keys follow the generator's version
+# ---------------------------------------------------------------------------
+
+
+def test_cache_hit_imports_neither_mnist1d_nor_scikit_learn(_cache_in_tmp):
+    import os
+    import subprocess
+    import sys
+
+    mnist1d(num_samples=200, seed=5)
+    digits(seed=4)                                   # both cached in NBBATCH_CACHE now
+    code = ("import sys\nfrom nbbatch import data\n"
+            "a = data.mnist1d(num_samples=200, seed=5); b = data.digits(seed=4)\n"
+            "print(a.n_train, b.n_train, sorted(m for m in ('mnist1d', 'scipy', 'sklearn') if m in sys.modules))")
+    env = {**os.environ, "NBBATCH_CACHE": str(_cache_in_tmp), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["160", "1437", "[]"]
+    # and on a miss the generator is imported (the check above can fail)
+    env["NBBATCH_CACHE"] = str(_cache_in_tmp / "empty")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "'mnist1d'" in out.stdout and "'sklearn'" in out.stdout
+
+
+def test_cache_key_follows_generator_version(_cache_in_tmp, count_make_dataset, monkeypatch):
+    a = mnist1d(num_samples=100)
+    real = D._generator_version
+    monkeypatch.setattr(D, "_generator_version", lambda package: real(package) + "+other")
+    b = mnist1d(num_samples=100)                     # another mnist1d release: a miss, generated again
+    assert count_make_dataset == [100, 100]
+    assert len(list(_cache_in_tmp.glob("mnist1d_*.npz"))) == 2
+    _assert_same_tensors(a, b)
+    assert real("no-such-package-nbbatch") == "not-installed"
+
+
+def test_digits_cache_hit_miss_and_corrupt_file(_cache_in_tmp, monkeypatch):
+    calls = []
+    make = D._make_digits
+    monkeypatch.setattr(D, "_make_digits", lambda *a: calls.append(a) or make(*a))
+    a = digits(seed=3)
+    (path,) = _cache_in_tmp.glob("digits_*.npz")
+    b = digits(seed=3)
+    assert calls == [(0.2, 3)]                      # the second call was a hit
+    _assert_same_tensors(a, b)
+    digits(seed=3, test_fraction=0.25)              # other arguments: a miss
+    assert calls == [(0.2, 3), (0.25, 3)]
+    path.write_bytes(path.read_bytes()[:50])         # truncated: regenerated and rewritten
+    c = digits(seed=3)
+    assert calls[-1] == (0.2, 3) and len(calls) == 3
+    _assert_same_tensors(a, c)
+    digits(seed=3)
+    assert len(calls) == 3
+    # the cached split is the one scikit-learn makes
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    _, x_te, _, y_te = train_test_split(x, y, test_size=0.2, random_state=3, stratify=y)
+    np.testing.assert_array_equal(c.x_test.numpy(), (x_te / 16.0).astype(np.float32))
+    np.testing.assert_array_equal(c.y_test.numpy(), y_te)

@@ -8,17 +8,20 @@ steps. ``Refresher`` draws the first frame soon after a run starts, then about o
 ``interval`` and at least every ``max_gap`` seconds, keeping drawing near ``budget`` of the
 wall time (updates are coalesced: whatever happened since the last frame is drawn once).
 
-Measured against the alternatives (``bench/RESULTS.md``): a browser-side widget (ipympl,
-bqplot, plotly) would add a front-end extension to every install; the Agg frame below costs
-tens of milliseconds, which keeps the overhead under 10% at one frame per second.
+Measured against the alternatives (``bench/RESULTS.md``): ipympl renders with Agg in the kernel
+too, the whole figure per update (about 58 ms of CPU a frame); a browser-side widget (bqplot,
+plotly) costs the kernel under 1 ms but adds a front-end extension to every install. Here a
+frame over the kept background costs about 11 ms, a full render (limits changed) about 50 ms.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import struct
 import threading
 import time
+import zlib
 from typing import Callable, Sequence
 
 import numpy as np
@@ -32,6 +35,8 @@ X_AXES = {"step": "optimizer step", "examples": "examples seen", "time": "traini
 # (y column, title) of the 2x2 panels; "metric" is the evaluation's metric (test accuracy)
 PANELS = (("loss", "loss"), ("metric", "test metric"), ("lr", "learning rate"), ("examples_per_s", "examples/s"))
 SMOOTH_FRACTION = 0.02       # the smoothed loss averages over ~2% of the run (at least 5 steps)
+SHORT_RUN_S = 20.0           # a run expected to end within this many seconds shows its whole x range at once
+LABEL_X, LABEL_Y = -0.13, -0.12   # axis label positions in axes fractions (below, left of the ticks)
 
 
 def snapshot(history) -> dict:
@@ -121,21 +126,81 @@ def _nice(lo: float, hi: float, log: bool) -> tuple[float, float]:
     return float(min(ticks[0], lo)), float(max(ticks[-1], hi))
 
 
+def x_limits(x0: float, x1: float, end: float | None, whole: bool = False) -> tuple[float, float]:
+    """The x limits for data from ``x0`` to ``x1`` of a run planned to end at ``end``.
+
+    The right limit is ``end / 4**k`` for the largest ``k`` that still shows the data, so the
+    axis changes about ``log4(end / x1)`` times in a run (``whole``: ``end`` at once, for a run
+    that ends in seconds anyway); without an end (or past it) it is the next round value above
+    twice the data.
+
+    Example:
+        >>> x_limits(0, 30, 1000), x_limits(0, 300, 1000), x_limits(0, 30, None)
+        ((0.0, 62.5), (0.0, 1000.0), (0.0, 60.0))
+    """
+    start = float(min(x0, 0.0))                # steps, examples and seconds start at 0
+    if end is not None and 0 < x1 <= end:
+        k = 0 if whole else max(0, math.floor(math.log(end / x1, 4) + 1e-9))
+        return start, float(end / 4.0 ** k)
+    return _nice(start, start + 2.0 * max(x1 - start, 1e-12), log=False)
+
+
 def smooth(y: np.ndarray, span: int) -> np.ndarray:
     """Bias-corrected exponential moving average of ``y`` over about ``span`` points.
 
+    Computed in numpy by blocks (``scipy.signal.lfilter`` would do it in one call, but importing
+    scipy.signal costs a kernel about 40 MiB): within a block of ``k`` points the average is
+    ``d**t * (carry + cumsum(alpha * y_s * d**-s))`` with ``d = 1 - alpha``, and ``k`` keeps
+    ``d**-k`` under ``e**8`` so the rescaling loses no precision worth drawing.
+
     Example:
-        >>> smooth(np.array([1.0, 1.0, 1.0]), 10).tolist()
+        >>> smooth(np.array([1.0, 1.0, 1.0]), 10).round(12).tolist()
         [1.0, 1.0, 1.0]
+        >>> smooth(np.array([0.0, 3.0]), 2).round(6).tolist()   # alpha = 2/3: (0, 2/3*3 / (1 - 1/9))
+        [0.0, 2.25]
     """
+    y = np.asarray(y, dtype=float)
     if len(y) == 0:
         return y
-    from scipy.signal import lfilter
-
     alpha = 2.0 / (max(span, 1) + 1.0)
-    num = lfilter([alpha], [1.0, alpha - 1.0], y)
-    den = lfilter([alpha], [1.0, alpha - 1.0], np.ones_like(y))
-    return num / den
+    d = 1.0 - alpha
+    if d <= 0.0:
+        return y.copy()
+    k = max(1, int(8.0 / -math.log(d)))           # block length: d**-k <= e**8
+    out = np.empty_like(y)
+    carry = 0.0
+    for start in range(0, len(y), k):
+        block = y[start:start + k]
+        t = np.arange(len(block), dtype=float)
+        grow = d ** -t                               # d**-s within the block (<= e**8)
+        acc = carry + np.cumsum(alpha * block * grow)
+        out[start:start + k] = acc / grow
+        carry = out[start + len(block) - 1] * d      # the average carried into the next block, decayed once
+    # bias correction: the weights of the first t points sum to 1 - d**(t+1)
+    return out / -np.expm1((np.arange(len(y)) + 1.0) * math.log(d))
+
+
+def png_rgb(rgba, width: int, height: int) -> bytes:
+    """An RGB PNG of an RGBA pixel buffer (``height`` rows of ``width`` pixels), zlib level 1,
+    no row filter.
+
+    Written by hand because the encoders at hand cost more per frame for a plot (measured at
+    1000x560: Pillow's PNG at level 1 about 1.5x this, lossless WebP 2x) and the frame is sent
+    once and shown at once; the alpha channel is dropped (the figure is opaque).
+
+    Example:
+        >>> png_rgb(bytes([255, 0, 0, 255]) * 4, 2, 2)[:4]
+        b'\\x89PNG'
+    """
+    pixels = np.frombuffer(rgba, dtype=np.uint8).reshape(height, width, 4)
+    rows = np.zeros((height, 1 + 3 * width), dtype=np.uint8)      # filter byte 0 (none), then RGB
+    rows[:, 1:].reshape(height, width, 3)[:] = pixels[:, :, :3]
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)   # 8-bit RGB, not interlaced
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.data, 1))
+            + chunk(b"IEND", b""))
 
 
 class LiveFigure:
@@ -190,6 +255,10 @@ class LiveFigure:
                 ax.yaxis.set_major_formatter(formatter)
             if ax in axes[1]:
                 ax.set_xlabel(X_AXES[x], fontsize=9)
+            # fixed label positions (axes fractions, just past the longest tick labels): placed
+            # automatically, every full render would measure the tick labels of all four axes again
+            ax.xaxis.set_label_coords(0.5, LABEL_X)
+            ax.yaxis.set_label_coords(LABEL_Y, 0.5)
             for i, label in enumerate(self.labels):
                 c = f"C{i % 10}"
                 if y == "loss":
@@ -214,15 +283,20 @@ class LiveFigure:
         if multi:   # colours name the runs, the grey styles name the curves
             handles = [Line2D([], [], color=f"C{i % 10}", lw=1.6) for i in range(len(self.labels))] + handles
             names = self.labels + names
-        self._legend = loss_ax.legend(handles, names, fontsize=8, loc="upper right", framealpha=0.8,
+        # opaque: in live frames its pixels from the background are pasted back over the lines
+        # (the same picture as drawing it last, without laying out its text on every frame)
+        self._legend = loss_ax.legend(handles, names, fontsize=8, loc="upper right", framealpha=1.0,
                                       ncol=2 if multi and len(names) > 5 else 1)
         self.live = bool(live)
-        for artist in [*self._lines.values(), self._legend]:
+        for artist in self._lines.values():
             artist.set_animated(self.live)       # drawn over the kept background by png()
         self._background = None      # the rendered figure without its data, while the limits hold
+        self._fixed_pixels = None    # the legend's box and the titles cut from the first background
+        self._titles = None
         self._key = None
         self._fitted: set = set()     # axes whose limits were set from data once
         self.x_end: float | None = None   # the x axis grows no further (the run's last step), when known
+        self._short = False
         self.full_draws = 0
         self._noise_ax = None
         self.renders = 0
@@ -261,6 +335,12 @@ class LiveFigure:
         self.axes["test metric"].set_title(name, fontsize=10)
         self.axes["test metric"].set_ylabel(name, fontsize=9)
         cols = self._columns
+        self._short = False       # the runs end within SHORT_RUN_S at their pace so far: no growing x axis
+        if self.x_end is not None:
+            for s in snaps:
+                xs, ts = s["steps"].get(self.x, []), s["steps"].get("time", [])
+                if len(xs) and len(ts) and xs[-1] and ts[-1] and float(ts[-1]) * self.x_end / float(xs[-1]) <= SHORT_RUN_S:
+                    self._short = True
         peaks, noise, losses = [], [], []
         for i, s in enumerate(snaps):
             st, ev = s["steps"], s["evals"]
@@ -298,6 +378,7 @@ class LiveFigure:
                 self._noise_ax.set_ylabel("noise scale B_simple (dotted)", fontsize=9)
                 self._noise_ax.tick_params(labelsize=8.5)
                 self._noise_ax.yaxis.set_major_formatter(FuncFormatter(compact))
+                self._noise_ax.yaxis.set_label_coords(1.0 - LABEL_Y, 0.5)
             for i, xs, ys in noise:
                 key = ("noise", i)
                 if key not in self._lines:
@@ -324,7 +405,15 @@ class LiveFigure:
 
     def _sticky_limits(self, ax) -> None:
         """Change an axes' limits only when its data leave them (or shrink to a small part of them),
-        and then with headroom: x grows 30% ahead of the data, so most frames keep their ticks."""
+        and then by large steps, so that a run changes them a few times only (each change costs a
+        full render, several times a frame that only redraws the lines):
+
+        - x: a quarter, a sixteenth, ... of the runs' planned end (the whole run once the data
+          pass a quarter of it), or without a known end the next 1-2-5 value above twice the data;
+        - y: the data with 5% margins, and at least twice the former span (in decades on a log
+          axis, there at most one decade more), the extra room on the side the data just crossed (a falling loss, a rising
+          accuracy keep going that way); shrunk to the data when they fill under a quarter of it.
+        """
         ax.set_autoscale_on(False)             # matplotlib would rescale at draw time otherwise
         box = ax.dataLim
         if not (np.all(np.isfinite(box.get_points())) and box.width >= 0 and ax.has_data()):
@@ -335,31 +424,58 @@ class LiveFigure:
         first = ax not in self._fitted
         self._fitted.add(ax)
         (cx0, cx1), (cy0, cy1) = ax.get_xlim(), ax.get_ylim()
-        log = ax.get_yscale() == "log"
-        span = (lambda a, b: math.log(b / a) if a > 0 and b > 0 else 0.0) if log else (lambda a, b: b - a)
-        x_out = first or x0 < cx0 or x1 > cx1
+        log = ax.get_yscale() == "log" and y0 > 0
+        if first or x0 < cx0 or x1 > cx1:
+            ax.set_xlim(*x_limits(x0, x1, self.x_end, whole=self._short))
+        f = (lambda v: math.log10(v)) if log else (lambda v: v)
+        inv = (lambda v: 10.0 ** v) if log else (lambda v: v)
+        old_ok = not first and (not log or cy0 > 0)
+        span = f(cy1) - f(cy0) if old_ok else 0.0
         y_out = first or y0 < cy0 or y1 > cy1
-        y_small = y1 > y0 and span(cy0, cy1) > 0 and span(y0, y1) < 0.3 * span(cy0, cy1)
-        if x_out:
-            start = min(x0, 0.0)                   # steps, examples and seconds start at 0
-            _, hi = _nice(start, x1 + 0.4 * max(x1 - start, 1e-12), log=False)
-            if self.x_end is not None and x1 <= self.x_end:
-                hi = min(hi, self.x_end)           # never past the run's planned end
-            ax.set_xlim(start, hi)
-        if y_out or y_small:
-            # 5% margin, and 25% headroom on a side the data just crossed (a falling loss, a rising
-            # accuracy keep going that way)
-            lo_pad = 0.25 if (y0 < cy0 and not y_small) else 0.05
-            hi_pad = 0.25 if (y1 > cy1 and not y_small) else 0.05
-            if y1 == y0:
-                pad = abs(y0) * 0.1 or 1.0
-                lo, hi = (y0 / 1.5, y1 * 1.5) if log and y0 > 0 else (y0 - pad, y1 + pad)
-            elif log and y0 > 0:
-                r = y1 / y0
-                lo, hi = y0 / r ** lo_pad, y1 * r ** hi_pad
+        y_small = y1 > y0 and span > 0 and f(y1) - f(y0) < 0.25 * span
+        if not (y_out or y_small):
+            return
+        lo, hi = f(y0), f(y1)
+        if hi == lo:
+            pad = 0.18 if log else (abs(y0) * 0.1 or 1.0)
+            lo, hi = lo - pad, hi + pad
+        else:
+            lo, hi = lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo)
+        if y_out and old_ok and span > 0 and hi - lo < 2 * span:
+            extra = 2 * span - (hi - lo)
+            if log:
+                extra = min(extra, 1.0)        # at most a decade more: one bad batch is no reason for five
+            if y0 < cy0 and not y1 > cy1:
+                lo -= extra
+            elif y1 > cy1 and not y0 < cy0:
+                hi += extra
             else:
-                lo, hi = y0 - lo_pad * (y1 - y0), y1 + hi_pad * (y1 - y0)
-            ax.set_ylim(*_nice(lo, hi, log=log and lo > 0))
+                lo, hi = lo - extra / 2, hi + extra / 2
+        ax.set_ylim(*_nice(inv(lo), inv(hi), log=log))
+
+    def _render_background(self, axes, titles) -> None:
+        """Draw everything but the data lines and keep it. The legend and the titles do not
+        move when limits change: their pixels from the first render are pasted back instead of
+        laying their text out again (about a fifth of a full render), until a title changes."""
+        fixed = [self._legend] + [ax.title for ax in axes]
+        reuse = self._fixed_pixels is not None and titles == self._titles
+        if reuse:
+            for artist in fixed:
+                artist.set_visible(False)
+        try:
+            self.canvas.draw()                 # animated artists (the data lines) are left out
+        finally:
+            for artist in fixed:
+                artist.set_visible(True)
+        if reuse:
+            for pixels in self._fixed_pixels:
+                self.canvas.restore_region(pixels)
+        else:
+            renderer = self.canvas.get_renderer()
+            # the legend's box (opaque) first: png() pastes it over the lines of every frame
+            self._fixed_pixels = [self.canvas.copy_from_bbox(a.get_window_extent(renderer)) for a in fixed]
+            self._titles = titles
+        self._background = self.canvas.copy_from_bbox(self.figure.bbox)
 
     def png(self, histories: Sequence | None = None) -> bytes:
         """Render (after ``update(histories)`` when given) and return PNG bytes."""
@@ -373,24 +489,17 @@ class LiveFigure:
             axes = list(self.axes.values()) + ([self._noise_ax] if self._noise_ax is not None else [])
             key = tuple((ax.get_xlim(), ax.get_ylim(), ax.get_yscale(), ax.get_title()) for ax in axes)
             if key != self._key or self._background is None:
-                self.canvas.draw()                 # everything but the data lines and the legend
-                self._background = self.canvas.copy_from_bbox(self.figure.bbox)
+                self._render_background(axes, tuple(ax.get_title() for ax in axes))
                 self._key = key
                 self.full_draws += 1
             else:
                 self.canvas.restore_region(self._background)
-            renderer = self.canvas.get_renderer()
             for line in self._lines.values():
                 if line.axes is not None:
                     line.axes.draw_artist(line)
-            self._legend.draw(renderer)
-            from PIL import Image
-
+            self.canvas.restore_region(self._fixed_pixels[0])   # the legend over the lines
             w, h = self.canvas.get_width_height()
-            # a fast zlib level: the PNG is sent once and shown at once; level 6 costs 3x the time
-            # RGB (the figure is opaque): a fifth less to encode than RGBA
-            Image.frombuffer("RGBA", (w, h), self.canvas.buffer_rgba(), "raw", "RGBA", 0, 1).convert("RGB").save(
-                buf, format="png", compress_level=1)
+            buf.write(png_rgb(self.canvas.buffer_rgba(), w, h))
         self.renders += 1
         self.render_seconds += time.perf_counter() - t0
         return buf.getvalue()
@@ -401,8 +510,8 @@ class Refresher:
 
     The first frame comes ``first`` s after ``start()``. Then ``draw`` (the figure) runs every
     ``max(interval, cost / budget)`` s, where ``cost`` is the time the last frame took, but never
-    less often than every ``max_gap`` s: with ``budget=0.1`` a frame of 60 ms comes every
-    second and drawing takes about 6% of the wall time. ``tick`` (status line, progress bar)
+    less often than every ``max_gap`` s: with ``budget=0.08`` a frame of 50 ms comes every
+    second (5% of the wall time) and one of 120 ms (a full render on a loaded machine) every 1.5 s. ``tick`` (status line, progress bar)
     runs every ``min(interval, 0.5)`` s. Whatever happened in between is drawn once
     (coalesced). ``final()`` stops the thread and draws the last frame (the static one).
 
@@ -413,8 +522,8 @@ class Refresher:
         (1, True)
     """
 
-    def __init__(self, draw: Callable[[], None], interval: float = 1.0, budget: float = 0.1,
-                 tick: Callable[[], None] | None = None, first: float = 0.3, max_gap: float = 1.8):
+    def __init__(self, draw: Callable[[], None], interval: float = 1.0, budget: float = 0.08,
+                 tick: Callable[[], None] | None = None, first: float = 0.5, max_gap: float = 1.8):
         for name, value in (("refresh interval", interval), ("first", first), ("max_gap", max_gap)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
                 raise ValueError(f"{name} must be a number > 0 seconds, got {value!r}")
