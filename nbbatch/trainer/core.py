@@ -42,67 +42,14 @@ from ..optim import add_gradient_noise, gradient_noise_std
 from ..schedules import Schedule, check_warmup_fits, length_in_steps, scale_lr
 from .progress import LabelledBar, progress_bar
 from .setup import Setup, batch_source, build_optimizer, prepare_network, validate, warn_split_batch_norm
+from .state import TrainerSnapshot, read_checkpoint
 from .step import (NoiseProbe, flag_nonfinite, fresh_scaler, grad_scaler, resume_position, rng_state,
                    set_rng_state)
+from .stopping import DivergenceError, Target
 
 EVENTS = ("fit_start", "step_end", "eval_end", "fit_end")
 CHECKPOINT_VERSION = 1
 DEFAULT_UNTIL_EPOCHS = 100
-
-
-class DivergenceError(RuntimeError):
-    """Training produced a non-finite loss or gradient; the model was left at its last good step."""
-
-    def __init__(self, message: str, *, step: int, lr: float, loss: float):
-        super().__init__(message)
-        self.step, self.lr, self.loss = step, lr, loss
-
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-    """A stopping target on a recorded metric: ``metric`` reaching ``value`` (``mode`` min or max)."""
-
-    metric: str
-    value: float
-    mode: str
-
-    def reached(self, current: float) -> bool:
-        return current <= self.value if self.mode == "min" else current >= self.value
-
-    @classmethod
-    def parse(cls, until) -> "Target":
-        """From ``("eval_accuracy", 0.9)``, ``{"eval_loss": 0.3}``, ``"eval_accuracy>=0.9"`` or a Target.
-
-        Metrics whose name ends in ``loss`` are minimised, all others maximised, unless the
-        string form gives the direction with ``<=`` or ``>=``.
-        """
-        if isinstance(until, Target):
-            return until
-        mode = None
-        if isinstance(until, str):
-            for op, m in (("<=", "min"), (">=", "max")):
-                if op in until:
-                    name, _, value = until.partition(op)
-                    mode = m
-                    break
-            else:
-                raise ValueError(f"until={until!r}: write it as 'metric<=value' or 'metric>=value'")
-            try:
-                value = float(value)
-            except ValueError:
-                raise ValueError(f"until={until!r}: {value.strip()!r} is not a number") from None
-            name = name.strip()
-        elif isinstance(until, Mapping) and len(until) == 1:
-            (name, value), = until.items()
-        elif isinstance(until, (tuple, list)) and len(until) == 2:
-            name, value = until
-        else:
-            raise ValueError(f"until={until!r}: give (metric, value), {{metric: value}} or 'metric>=value'")
-        if not isinstance(name, str) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"until={until!r}: the metric must be a name and the value a finite number")
-        if mode is None:
-            mode = "min" if name.endswith("loss") else "max"
-        return cls(name, float(value), mode)
 
 
 class Trainer:
@@ -1201,47 +1148,3 @@ class Trainer:
         return (f"Trainer(batch_size={c.batch_size}, lr={self.peak_lr:.4g}, optimizer={c.optimizer!r}, "
                 f"accumulate={c.accumulate}, precision={self.precision!r}, device={str(self.device)!r}, "
                 f"step={self.step_count}, epoch={self.epoch})")
-
-
-class TrainerSnapshot:
-    """A trainer's training state held in memory, from ``Trainer.snapshot()`` for ``Trainer.restore``."""
-
-    __slots__ = ("trainer", "state", "grads", "modes", "schedule", "batches")
-
-    def __init__(self, trainer: Trainer, state: dict, grads: list, modes: list, schedule, batches):
-        self.trainer, self.state, self.grads, self.modes = trainer, state, grads, modes
-        self.schedule, self.batches = schedule, batches
-
-    @property
-    def step(self) -> int:
-        """The step the trainer had completed when the snapshot was taken."""
-        return self.state["progress"]["step"]
-
-    def __repr__(self) -> str:
-        return f"TrainerSnapshot(step={self.step})"
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint safely (``weights_only=True``) onto the CPU."""
-    import pickle
-
-    path = os.fspath(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as err:
-        raise type(err)(err.errno, f"cannot read the checkpoint ({err.strerror})", path) from None
-    except pickle.UnpicklingError as err:
-        # torch's message suggests weights_only=False, which would run whatever code the file holds:
-        # never pass that advice on.
-        if "global" not in str(err).lower():   # not a refused object: bytes that are no pickle at all
-            raise ValueError(f"{path!r} is not a readable nbbatch checkpoint (damaged, truncated or another kind "
-                             f"of file)") from None
-        raise ValueError(f"{path!r} is not a safe nbbatch checkpoint: it holds objects other than tensors and "
-                         f"plain values, so it was not unpickled. Load only checkpoints written by Trainer.save "
-                         f"from a source you trust") from None
-    except (RuntimeError, AttributeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError) as err:
-        raise ValueError(f"{path!r} is not a readable nbbatch checkpoint (damaged, truncated or another kind of "
-                         f"file: {type(err).__name__})") from None
-    if not isinstance(state, dict) or "model" not in state or "progress" not in state:
-        raise ValueError(f"{path!r} is not an nbbatch checkpoint")
-    return state
