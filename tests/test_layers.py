@@ -64,7 +64,7 @@ def test_every_module_has_a_layer():
 
 
 # the subpackages with a layers contract of their own
-SUBPACKAGES = ("nbbatch.memory", "nbbatch.norms", "nbbatch.runs")
+SUBPACKAGES = ("nbbatch.memory", "nbbatch.norms", "nbbatch.runs", "nbbatch.trainer")
 
 
 @pytest.mark.parametrize("package", SUBPACKAGES)

@@ -104,10 +104,10 @@ def _data_parallel_runs(n=96):
     torch.manual_seed(planned.rank)   # the ranks' global generators differ, as they do unseeded
     noisy = Trainer(model, (x, y), batch_size=32, lr=0.1, seed=None, grad_noise=0.1)
     noisy.fit(steps=3, progress=False)
-    import nbbatch.trainer as trainer_module
+    import nbbatch.trainer.core as trainer_core   # where fit looks the bar up
     bars = []
-    make_bar = trainer_module._progress_bar
-    trainer_module._progress_bar = lambda progress, total: bars.append(make_bar(progress, total)) or bars[-1]
+    make_bar = trainer_core.progress_bar
+    trainer_core.progress_bar = lambda progress, total: bars.append(make_bar(progress, total)) or bars[-1]
     noisy.fit(steps=1, progress=True)
     return {"planned_batch": planned.history.steps["batch_size"], "accumulate": planned.config.accumulate,
             "noisy": weights(noisy.model), "bar": bool(bars) and bars[0] is not None}
@@ -155,14 +155,14 @@ def test_a_state_for_another_model_changes_nothing(toy):
 def test_a_progress_bar_that_fails_leaves_no_interrupt_handler_behind(toy, monkeypatch):
     import signal
 
-    import nbbatch.trainer as trainer_module
+    import nbbatch.trainer.core as trainer_core   # where fit looks the bar up
 
     def broken(progress, total):
         raise RuntimeError("no terminal")
 
     t = Trainer(make_mlp(), toy, batch_size=50, lr=0.1, seed=0)
     handler = signal.getsignal(signal.SIGINT)
-    monkeypatch.setattr(trainer_module, "_progress_bar", broken)
+    monkeypatch.setattr(trainer_core, "progress_bar", broken)
     with pytest.raises(RuntimeError, match="no terminal"):
         t.fit(steps=2, progress=True)
     assert signal.getsignal(signal.SIGINT) is handler   # Ctrl-C still interrupts the kernel

@@ -6,7 +6,7 @@ record. It has one code path for every setting: a single process holds a ``Singl
 context with the data-parallel context's interface (its calls do nothing), the loss scaler is
 always there (disabled unless fp16), the gradient transforms (unscale, clip, gradient noise)
 are a list built with the trainer, and the online noise scale watches the micro-batch gradients
-from the side (``_NoiseProbe``). Everything else (evaluation, stopping, checkpoints) sits
+from the side (``NoiseProbe``). Everything else (evaluation, stopping, checkpoints) sits
 around it.
 
 Tools that train and then undo it (``nbbatch.diagnostics.lr_find``) use public seams:
@@ -21,7 +21,6 @@ import dataclasses
 import math
 import os
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -29,80 +28,28 @@ from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from .batching import DatasetBatches, LoaderBatches, TensorBatches, as_tensors
-from .config import RESCHEDULE_OPTIONS, TrainConfig, check_length  # RESCHEDULE_OPTIONS: also importable from here
-from .data import load_dataset
-from .device import autocast_context, peak_memory_bytes, reset_peak_memory, resolve_device, resolve_precision
-from .distributed import DistContext, SingleProcess, StopAgreed
-from .distributed import resolve as resolve_distributed
-from .history import History, RunLog
-from .losses import accuracy, mse_loss, resolve_loss  # accuracy, mse_loss: also importable from here
-from .noise import OnlineNoiseScale, squared_grad_norm
-from .norms import bn_layers, warn_accumulation_with_bn
-from .optim import ADAM_EPS, LAMB, LAMB_EPS, LARS, add_gradient_noise, gradient_noise_std, layerwise_groups
-from .recompute import check_checkpointed, checkpointed
-from .schedules import Schedule, check_warmup_fits, length_in_steps, scale_lr
+from ..batching import as_tensors
+from ..config import RESCHEDULE_OPTIONS, TrainConfig, check_length
+from ..data import load_dataset
+from ..device import autocast_context, peak_memory_bytes, reset_peak_memory
+from ..distributed import StopAgreed
+from ..distributed import resolve as resolve_distributed
+from ..history import History, RunLog
+from ..noise import OnlineNoiseScale
+from ..optim import add_gradient_noise, gradient_noise_std
+from ..schedules import Schedule, check_warmup_fits, length_in_steps, scale_lr
+from .progress import LabelledBar, progress_bar
+from .setup import Setup, batch_source, build_optimizer, prepare_network, validate, warn_split_batch_norm
+from .state import TrainerSnapshot, read_checkpoint
+from .step import (NoiseProbe, flag_nonfinite, fresh_scaler, grad_scaler, resume_position, rng_state,
+                   set_rng_state)
+from .stopping import DivergenceError, Target
 
 EVENTS = ("fit_start", "step_end", "eval_end", "fit_end")
 CHECKPOINT_VERSION = 1
 DEFAULT_UNTIL_EPOCHS = 100
-
-
-class DivergenceError(RuntimeError):
-    """Training produced a non-finite loss or gradient; the model was left at its last good step."""
-
-    def __init__(self, message: str, *, step: int, lr: float, loss: float):
-        super().__init__(message)
-        self.step, self.lr, self.loss = step, lr, loss
-
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-    """A stopping target on a recorded metric: ``metric`` reaching ``value`` (``mode`` min or max)."""
-
-    metric: str
-    value: float
-    mode: str
-
-    def reached(self, current: float) -> bool:
-        return current <= self.value if self.mode == "min" else current >= self.value
-
-    @classmethod
-    def parse(cls, until) -> "Target":
-        """From ``("eval_accuracy", 0.9)``, ``{"eval_loss": 0.3}``, ``"eval_accuracy>=0.9"`` or a Target.
-
-        Metrics whose name ends in ``loss`` are minimised, all others maximised, unless the
-        string form gives the direction with ``<=`` or ``>=``.
-        """
-        if isinstance(until, Target):
-            return until
-        mode = None
-        if isinstance(until, str):
-            for op, m in (("<=", "min"), (">=", "max")):
-                if op in until:
-                    name, _, value = until.partition(op)
-                    mode = m
-                    break
-            else:
-                raise ValueError(f"until={until!r}: write it as 'metric<=value' or 'metric>=value'")
-            try:
-                value = float(value)
-            except ValueError:
-                raise ValueError(f"until={until!r}: {value.strip()!r} is not a number") from None
-            name = name.strip()
-        elif isinstance(until, Mapping) and len(until) == 1:
-            (name, value), = until.items()
-        elif isinstance(until, (tuple, list)) and len(until) == 2:
-            name, value = until
-        else:
-            raise ValueError(f"until={until!r}: give (metric, value), {{metric: value}} or 'metric>=value'")
-        if not isinstance(name, str) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"until={until!r}: the metric must be a name and the value a finite number")
-        if mode is None:
-            mode = "min" if name.endswith("loss") else "max"
-        return cls(name, float(value), mode)
 
 
 class Trainer:
@@ -142,19 +89,19 @@ class Trainer:
                  distributed="auto", log_dir: str | os.PathLike | None = None, log_checkpoints: bool = False,
                  **options):
         # 1. Validate everything before any state changes.
-        setup = _validate(model, data, config, eval_data, distributed, log_dir, log_checkpoints, options)
+        setup = validate(model, data, config, eval_data, distributed, log_dir, log_checkpoints, options)
         # 2. Build. Building reseeds and draws from the global generators and moves the model: should
         #    any of it still fail, the generators are put back, so a failed construction changes nothing.
-        rng = _rng_state()
+        rng = rng_state()
         try:
             self._build(model, data, setup)
         except BaseException:
-            _set_rng_state(rng)
+            set_rng_state(rng)
             raise
 
-    def _build(self, model: nn.Module, data, s: _Setup) -> None:
+    def _build(self, model: nn.Module, data, s: Setup) -> None:
         cfg = s.config
-        _warn_split_batch_norm(model, cfg)
+        warn_split_batch_norm(model, cfg)
         self.config, self.device, self.precision, self.data_spec = cfg, s.device, s.precision, s.spec
         self.loss_fn, self.metrics, self._dist = s.loss_fn, s.metrics, s.dist
         # the seeds: the global generator's (model-side draws) and the data order's, shared by all ranks
@@ -164,14 +111,14 @@ class Trainer:
         self._data_seed = s.dist.shared_seed(data_seed)
         # the network: the plain model (the one saved) and the module the training forward calls
         params_before = list(model.parameters())
-        self.model, self._net = _prepare_network(model, s.dist, s.device, cfg.checkpoint_segments)
+        self.model, self._net = prepare_network(model, s.dist, s.device, cfg.checkpoint_segments)
         # the batches: this rank's share of each global batch, already on the device
-        self._train = s.dist.shard(_batch_source(data, s.train_xy, s.device, cfg, self._data_seed))
+        self._train = s.dist.shard(batch_source(data, s.train_xy, s.device, cfg, self._data_seed))
         self._eval_data, self._eval_cache = s.eval_xy, None
         # the optimizer (built by the validation) and what the step needs besides
         self.optimizer = s.optimizer
         if any(p is not q for p, q in zip(params_before, self.model.parameters())):
-            self.optimizer = _build_optimizer(cfg, self.model.parameters())   # .to() replaced the parameters
+            self.optimizer = build_optimizer(cfg, self.model.parameters())   # .to() replaced the parameters
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self._build_step_helpers(s.population)
         self._reset_progress()
@@ -190,7 +137,7 @@ class Trainer:
         cfg, device = self.config, self.device
         # Disabled (any precision but fp16), the scaler's scale() and unscale_() and update() do
         # nothing and its step() is optimizer.step(): one code path for every precision.
-        self.scaler = _grad_scaler(device, enabled=self.precision == "fp16")
+        self.scaler = grad_scaler(device, enabled=self.precision == "fp16")
         self._autocast = autocast_context(self.precision, device)
         self._lr_override: Callable[[int], float] | None = None
         self._current_lr: float | None = None
@@ -199,7 +146,7 @@ class Trainer:
         # without replacement; None (McCandlish's 1/B) where the source does not say.
         online = (OnlineNoiseScale(cfg.noise_scale_every, cfg.noise_scale_smoothing, population=population)
                   if cfg.noise_scale_every is not None else None)
-        self._noise = _NoiseProbe(online, self._params, self._dist.world_size)
+        self._noise = NoiseProbe(online, self._params, self._dist.world_size)
         self._found_inf = torch.zeros(1, device=device)
         # On the CPU the flag is read through a NumPy view of the same memory: ops there are
         # synchronous, and this skips a torch call in every step.
@@ -530,7 +477,7 @@ class Trainer:
         # One fused pass over all gradients (the check GradScaler uses): an infinite gradient
         # with a finite loss would otherwise turn the weights into inf/nan. The flag is only
         # ever set here, so it needs zeroing only after a failure.
-        _flag_nonfinite([p.grad for p in self._params if p.grad is not None], self._found_inf, self._one)
+        flag_nonfinite([p.grad for p in self._params if p.grad is not None], self._found_inf, self._one)
         if self._found_host is not None:
             return loss.item(), self._found_host[0] == 0
         value, flag = torch.cat([loss.detach().float().reshape(1), self._found_inf]).tolist()
@@ -655,7 +602,7 @@ class Trainer:
             # The scaler may have unscaled this step's gradients already; until update() it would
             # refuse every later step ("unscale_() has already been called"). A fresh scaler with
             # the same scale and growth tracker forgets the half-done step.
-            self.scaler = _fresh_scaler(self.scaler, self.device)
+            self.scaler = fresh_scaler(self.scaler, self.device)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             raise
@@ -711,8 +658,8 @@ class Trainer:
         self.error = None
         reset_peak_memory(self.device)
         # before the handler: if it fails, none is left installed; data-parallel, on rank 0 only (as prints are)
-        bar = _progress_bar(progress, end - self.step_count) if self.is_main_process else None
-        if isinstance(bar, _LabelledBar):
+        bar = progress_bar(progress, end - self.step_count) if self.is_main_process else None
+        if isinstance(bar, LabelledBar):
             bar.label(self)
         previous_handler = self._install_interrupt_handler()
         reason, error = "failed", None   # until the loop says otherwise
@@ -1021,7 +968,7 @@ class Trainer:
             bad.append("train_time")
         if bad:
             raise ValueError(f"state['progress']: {[(k, p[k]) for k in bad]} are not valid counts")
-        position = _position(self._train, p, self.config.batch_size)   # (batch, example) in the saved epoch
+        position = resume_position(self._train, p, self.config.batch_size)   # (batch, example) in the saved epoch
         epoch_steps = self._train.steps_in_epoch(p["epoch"])
         if position is None or position[0] >= epoch_steps:
             raise ValueError(f"state['progress']: batch_in_epoch={p['batch_in_epoch']}, example_in_epoch="
@@ -1201,576 +1148,3 @@ class Trainer:
         return (f"Trainer(batch_size={c.batch_size}, lr={self.peak_lr:.4g}, optimizer={c.optimizer!r}, "
                 f"accumulate={c.accumulate}, precision={self.precision!r}, device={str(self.device)!r}, "
                 f"step={self.step_count}, epoch={self.epoch})")
-
-
-class TrainerSnapshot:
-    """A trainer's training state held in memory, from ``Trainer.snapshot()`` for ``Trainer.restore``."""
-
-    __slots__ = ("trainer", "state", "grads", "modes", "schedule", "batches")
-
-    def __init__(self, trainer: Trainer, state: dict, grads: list, modes: list, schedule, batches):
-        self.trainer, self.state, self.grads, self.modes = trainer, state, grads, modes
-        self.schedule, self.batches = schedule, batches
-
-    @property
-    def step(self) -> int:
-        """The step the trainer had completed when the snapshot was taken."""
-        return self.state["progress"]["step"]
-
-    def __repr__(self) -> str:
-        return f"TrainerSnapshot(step={self.step})"
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint safely (``weights_only=True``) onto the CPU."""
-    import pickle
-
-    path = os.fspath(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as err:
-        raise type(err)(err.errno, f"cannot read the checkpoint ({err.strerror})", path) from None
-    except pickle.UnpicklingError as err:
-        # torch's message suggests weights_only=False, which would run whatever code the file holds:
-        # never pass that advice on.
-        if "global" not in str(err).lower():   # not a refused object: bytes that are no pickle at all
-            raise ValueError(f"{path!r} is not a readable nbbatch checkpoint (damaged, truncated or another kind "
-                             f"of file)") from None
-        raise ValueError(f"{path!r} is not a safe nbbatch checkpoint: it holds objects other than tensors and "
-                         f"plain values, so it was not unpickled. Load only checkpoints written by Trainer.save "
-                         f"from a source you trust") from None
-    except (RuntimeError, AttributeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError) as err:
-        raise ValueError(f"{path!r} is not a readable nbbatch checkpoint (damaged, truncated or another kind of "
-                         f"file: {type(err).__name__})") from None
-    if not isinstance(state, dict) or "model" not in state or "progress" not in state:
-        raise ValueError(f"{path!r} is not an nbbatch checkpoint")
-    return state
-
-
-# ---------------------------------------------------------------------- construction
-@dataclasses.dataclass(frozen=True)
-class _Setup:
-    """What ``_validate`` checked and prepared for ``Trainer._build``; making it changed no state."""
-
-    config: TrainConfig
-    dist: DistContext | SingleProcess
-    device: torch.device
-    precision: str
-    train_xy: tuple | None          # in-memory training tensors; None for a Dataset or a DataLoader
-    eval_xy: Any
-    spec: Any                       # the built-in dataset's spec, for Trainer.load
-    loss_fn: Callable
-    metrics: dict
-    optimizer: torch.optim.Optimizer
-    population: int | None          # N for the online noise scale (see _sampled_population)
-    last_batch_problem: str | None  # what batch norm cannot normalise in the short last batch
-    log_dir: str | os.PathLike | None
-    log_checkpoint: str | None
-
-
-def _validate(model, data, config, eval_data, distributed, log_dir, log_checkpoints, options) -> _Setup:
-    """Check every argument of ``Trainer(...)``, raising on the first problem; change nothing."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    _check_model(model)
-    if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
-        raise TypeError(f"log_dir must be a path or None, got {type(log_dir).__name__}")
-    if not isinstance(log_checkpoints, bool) or (log_checkpoints and log_dir is None):
-        raise ValueError(f"log_checkpoints={log_checkpoints!r}: it must be True or False, and True needs a log_dir")
-    cfg = _resolve_config(data, config, options)
-    dist = resolve_distributed(distributed) or SingleProcess()
-    device = dist.pick_device(cfg.device, resolve_device(cfg.device))
-    precision = resolve_precision(cfg.precision, device)
-    train_xy, eval_xy, spec = _split_data(data, eval_data)
-    n_train = len(train_xy[0]) if train_xy is not None else _length(data)
-    if n_train == 0:
-        raise ValueError("data: the training set is empty")
-    _check_batch_schedule(cfg, data, n_train)
-    if n_train is not None and cfg.batch_size > n_train:
-        raise ValueError(f"batch_size={cfg.batch_size} is larger than the training set ({n_train} examples); "
-                         f"use batch_size <= {n_train} (full-batch gradient descent is batch_size={n_train})")
-    loss_fn = resolve_loss(cfg.loss)
-    metrics = dict(cfg.metrics) if cfg.metrics is not None else (
-        {"accuracy": accuracy} if cfg.loss == "cross_entropy" else {})
-    sample = train_xy if train_xy is not None else _first_batch(data)
-    _check_fit(model, loss_fn, cfg.loss, sample[0][:2], sample[1][:2],
-               all_labels=train_xy[1] if train_xy is not None else None, metrics=metrics)
-    # Batch norm that cannot normalise every batch is refused now; one that cannot normalise only
-    # the short last batch of an epoch is refused by the fit or step that would reach it (before
-    # it starts), so a trainer that takes a few steps stays possible. Data-parallel, each rank
-    # normalises its own share: not checked here.
-    every_batch, last_batch = ((None, None) if dist.data_parallel
-                               else _batch_norm_problems(model, n_train, cfg, data))
-    if every_batch is not None:
-        raise ValueError(every_batch)
-    optimizer = _build_optimizer(cfg, model.parameters())   # a bad factory fails here, before any change
-    check_checkpointed(model, cfg.checkpoint_segments)       # an nn.Sequential, when checkpointing
-    source = "tensors" if train_xy is not None else ("loader" if isinstance(data, DataLoader) else "dataset")
-    dist.check(cfg, n_train, model, device, source, train_xy)   # the split, and the agreement of all ranks
-    return _Setup(cfg, dist, device, precision, train_xy, eval_xy, spec, loss_fn, metrics, optimizer,
-                  _sampled_population(data, n_train), last_batch, log_dir,
-                  os.path.join(os.fspath(log_dir), "checkpoint.pt") if log_checkpoints else None)
-
-
-def _resolve_config(data, config, options: dict) -> TrainConfig:
-    """The run's TrainConfig: ``config`` (or the defaults) with ``options`` applied; a DataLoader's batch size."""
-    if config is not None and not isinstance(config, TrainConfig):
-        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-    if isinstance(data, DataLoader) and config is None and "batch_size" not in options:
-        if data.batch_size is None:
-            raise ValueError("data: a DataLoader with a batch_sampler has no fixed batch size; pass batch_size=...")
-        options = {**options, "batch_size": data.batch_size}
-    cfg = TrainConfig(**options) if config is None else config.replace(**options)
-    if isinstance(data, DataLoader) and data.batch_size not in (None, cfg.batch_size):
-        raise ValueError(f"batch_size={cfg.batch_size} differs from the DataLoader's batch_size={data.batch_size}; "
-                         f"the loader's batches are the optimizer batches")
-    return cfg
-
-
-def _warn_split_batch_norm(model: nn.Module, cfg: TrainConfig) -> None:
-    # Accumulating over batch norm normalises each micro-batch on its own: say so, once. Without
-    # accumulation the online noise scale splits its measured steps in two halves: the same caveat.
-    # (stacklevel: this function, Trainer._build, Trainer.__init__, then the caller.)
-    if cfg.accumulate == 1 and cfg.noise_scale_every is not None:
-        warn_accumulation_with_bn(model, cfg.batch_size, 2, stacklevel=4,
-                                  cause=f"noise_scale_every={cfg.noise_scale_every} (measured steps run as two half-batches)")
-    else:
-        warn_accumulation_with_bn(model, cfg.batch_size, cfg.accumulate, stacklevel=4)
-
-
-def _prepare_network(model: nn.Module, dist, device: torch.device, segments: int) -> tuple[nn.Module, nn.Module]:
-    """The model on the device, and the module the training forward calls.
-
-    One pipeline: batch norm converted for data parallelism (SyncBatchNorm when asked), the
-    model moved to the device, activation recomputation (checkpointed chunks, ``segments >= 2``)
-    and the data-parallel wrapper (DDP); the last three steps leave a single process's model as it is.
-    """
-    model = dist.convert_batchnorm(model)
-    try:
-        model = model.to(device)
-    except NotImplementedError as err:   # e.g. a tensor without data that slipped past the checks
-        raise ValueError(f"model: it cannot be moved to {device} ({err}); give a model whose parameters "
-                         f"and buffers hold data") from err
-    return model, dist.wrap(checkpointed(model, segments), device)
-
-
-def _batch_source(data, train_xy, device: torch.device, cfg: TrainConfig, seed: int):
-    """The training batches: tensors sliced by index, a Dataset read in the seeded order, or a DataLoader."""
-    if train_xy is not None:
-        return TensorBatches(train_xy[0], train_xy[1], device, cfg.batch_size, cfg.drop_last, seed,
-                             on_device=cfg.data_on_device, schedule=cfg.batch_schedule_value)
-    if isinstance(data, DataLoader):
-        return LoaderBatches(data, device)
-    return DatasetBatches(data, device, cfg.batch_size, cfg.drop_last, seed, schedule=cfg.batch_schedule_value)
-
-
-# ---------------------------------------------------------------------- the step's observers
-class _NoiseProbe:
-    """The online gradient noise scale (``noise_scale_every``), watching a step's micro-batch gradients.
-
-    On a measured step it reads the squared gradient norm after the first micro-batch's backward
-    (the small batch) and after the last one (the big batch, all-reduced when data-parallel);
-    ``OnlineNoiseScale`` turns the pair into the History's columns. With the option off every
-    call does nothing and the rows get no noise columns.
-    """
-
-    def __init__(self, online: OnlineNoiseScale | None, params: list[torch.Tensor], world: int):
-        self.online, self.params, self.world = online, params, world
-        self.idle = {} if online is None else online.EMPTY   # the columns of an unmeasured step
-        self.due = False
-        self.b_small = 0
-        self.sq_small: torch.Tensor | None = None
-
-    def split(self, step: int, k: int, local: int) -> int:
-        """The micro-batches to run: ``k``, or two on a measured step that would run one."""
-        self.due = self.online is not None and self.online.due(step) and local > 1
-        if self.due and k == 1:
-            return 2   # the estimate needs a smaller batch: two half-batches (the same update up to rounding)
-        return k
-
-    def after_first(self, b_small: int, n: int) -> None:
-        if self.due:
-            # .grad now holds (m*W/n) * g_small, the first micro-batch's mean gradient, weighted
-            # (not yet all-reduced: the first micro-batch runs under no_sync when data-parallel)
-            self.b_small = b_small
-            self.sq_small = squared_grad_norm(self.params) * (n / (b_small * self.world)) ** 2
-
-    def measure(self, n: int, scaler) -> dict:
-        """After the last backward: this step's noise-scale columns for the History."""
-        if not self.due:
-            return self.idle
-        self.due = False
-        # fp16: the gradients are scaled by the loss scale (1.0 without fp16), and an overflowed
-        # step reaches here (the scaler skips it): its inf/nan norms would poison the EMA for the
-        # rest of the run, so such a step records nothing.
-        scale2 = scaler.get_scale() ** 2
-        sq_small, sq_big = self.sq_small / scale2, squared_grad_norm(self.params) / scale2
-        if not bool(torch.isfinite(sq_small) & torch.isfinite(sq_big)):
-            return self.online.EMPTY
-        return self.online.record(sq_small, sq_big, self.b_small, n)
-
-    def rebuild(self, steps) -> None:
-        """Recompute the EMA from a History's step table (after loading a state)."""
-        if self.online is not None:
-            self.online.rebuild(steps)
-
-
-# ---------------------------------------------------------------------- helpers
-def _progress_bar(progress: bool | None, total: int):
-    """A labelled tqdm bar for ``fit``, or None (see ``fit``'s ``progress``).
-
-    The bar (named after the run by ``_LabelledBar.label``: batch size, optimizer, lr) counts steps of this fit against its
-    total, shows tqdm's time remaining and, twice a second, the last step's loss and examples/s.
-    In a terminal a bar is transient (cleared when the fit ends, so a printed table stays
-    intact; lines printed with ``tqdm.write`` pass above it); in a notebook the widget stays,
-    and a fit that ends before its total says at which step it ended.
-    """
-    if progress is None:
-        setting = os.environ.get("NBBATCH_PROGRESS", "").strip().lower()
-        if setting in ("0", "false", "off", "no") or threading.current_thread() is not threading.main_thread():
-            return None
-        progress = setting in ("1", "true", "on", "yes") or sys.stderr.isatty()
-    if not progress:
-        return None
-    try:
-        from tqdm.auto import tqdm
-        from tqdm.std import tqdm as text_tqdm
-    except ImportError:   # tqdm is a dependency; a broken install only loses the bar
-        return None
-    terminal = tqdm is text_tqdm
-    bar = tqdm(total=total, desc="fit", unit="step", mininterval=0.5, dynamic_ncols=True, leave=not terminal)
-    return _LabelledBar(bar, None, terminal)
-
-
-class _LabelledBar:
-    """The few calls ``fit`` makes on a bar (``update``, ``set_postfix``, ``close``), with live numbers."""
-
-    def __init__(self, bar, trainer, terminal: bool):
-        self.bar, self.trainer, self.terminal = bar, trainer, terminal
-        self._next = 0.0
-
-    def label(self, trainer) -> None:
-        """Name the bar after ``trainer``'s run and show its numbers from now on."""
-        c = trainer.config
-        opt = c.optimizer if isinstance(c.optimizer, str) else type(c.optimizer).__name__
-        self.trainer = trainer
-        self.bar.set_description(f"B={c.batch_size} {opt} lr={trainer.peak_lr:.3g}", refresh=True)
-
-    def update(self, n: int = 1) -> None:
-        now = time.monotonic()
-        if self.trainer is not None and now >= self._next:
-            self._next = now + 0.5
-            row = self.trainer.history.steps.last() or {}
-            parts = []
-            if row.get("loss") is not None:
-                parts.append(f"loss {row['loss']:.4g}")
-            if row.get("examples_per_s"):
-                parts.append(f"{row['examples_per_s']:,.0f} ex/s")
-            self.bar.set_postfix_str(", ".join(parts), refresh=False)
-        self.bar.update(n)
-
-    def set_postfix(self, **kwargs) -> None:
-        pass   # update() shows the loss (and more) itself
-
-    def close(self) -> None:
-        if not self.terminal and self.bar.total and self.bar.n < self.bar.total:
-            self.bar.set_description(f"{self.bar.desc} (ended at step {self.bar.n})", refresh=False)
-        self.bar.close()
-
-
-def _flag_nonfinite(tensors: list[torch.Tensor], found: torch.Tensor, one: torch.Tensor) -> None:
-    """Set ``found`` to 1 when any element of ``tensors`` is inf or nan (one fused pass where torch has it)."""
-    if not tensors:
-        return
-    try:
-        # GradScaler's own check: multiplies by 1.0 (exact) and flags any inf/nan.
-        torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, one)
-    except (AttributeError, RuntimeError, NotImplementedError):  # older torch or another backend
-        if not all(bool(torch.isfinite(t).all()) for t in tensors):
-            found.fill_(1.0)
-
-
-def _grad_scaler(device: torch.device, enabled: bool):
-    amp = getattr(torch, "amp", None)
-    if amp is not None and hasattr(amp, "GradScaler"):
-        return amp.GradScaler(device.type, enabled=enabled)
-    return torch.cuda.amp.GradScaler(enabled=enabled)  # pragma: no cover - torch < 2.3
-
-
-def _fresh_scaler(scaler, device: torch.device):
-    """A new scaler with ``scaler``'s state (scale, growth tracker), forgetting any half-done step."""
-    fresh = _grad_scaler(device, enabled=scaler.is_enabled())
-    fresh.load_state_dict(scaler.state_dict())   # a disabled one ignores it
-    return fresh
-
-
-def _build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
-    params = list(params)
-    name, lr, wd = cfg.optimizer, cfg.lr, cfg.weight_decay
-    if name in ("sgd", "momentum", "nesterov"):
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum_value, nesterov=name == "nesterov", weight_decay=wd)
-    adam_eps = ADAM_EPS if cfg.eps is None else cfg.eps
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=tuple(cfg.betas), eps=adam_eps, weight_decay=wd)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.betas), eps=adam_eps, weight_decay=wd)
-    if name in ("lars", "lamb"):
-        # weight matrices adapted and decayed; 1-D tensors (biases, norms) neither, unless adapt_all
-        groups = layerwise_groups(params, wd, cfg.adapt_all)
-        if name == "lars":
-            return LARS(groups, lr=lr, momentum=cfg.momentum_value, weight_decay=wd)
-        return LAMB(groups, lr=lr, betas=tuple(cfg.betas), eps=LAMB_EPS if cfg.eps is None else cfg.eps,
-                    weight_decay=wd)
-    try:
-        opt = name(params, lr=lr)
-    except TypeError as err:
-        raise TypeError(f"optimizer: the factory must accept (params, lr=...): {err}") from err
-    if not isinstance(opt, torch.optim.Optimizer):
-        raise TypeError(f"optimizer: the factory returned {type(opt).__name__}, not a torch.optim.Optimizer")
-    return opt
-
-
-def _split_data(data, eval_data):
-    """(train (x, y) or None, eval data or None, dataset spec or None)."""
-    spec = None
-    train_xy = None
-    if hasattr(data, "x_train") and hasattr(data, "y_train"):   # an nbbatch DataBundle
-        train_xy = (data.x_train, data.y_train)
-        if eval_data is None and getattr(data, "x_test", None) is not None and len(data.x_test):
-            eval_data = (data.x_test, data.y_test)
-        spec = getattr(data, "spec", None)
-    elif isinstance(data, DataLoader):
-        pass
-    elif as_tensors(data) is not None:
-        train_xy = as_tensors(data)
-    elif isinstance(data, Dataset):
-        if not hasattr(data, "__len__"):
-            raise TypeError("data: an iterable-style Dataset is not supported; pass a map-style Dataset, tensors or a DataLoader")
-    else:
-        raise TypeError(f"data must be a DataBundle, a pair (x, y) of tensors, a Dataset or a DataLoader, "
-                        f"got {type(data).__name__}")
-    if train_xy is not None:
-        x, y = train_xy
-        if len(x) != len(y):
-            raise ValueError(f"data: {len(x)} inputs but {len(y)} labels")
-    if eval_data is not None:
-        xy = as_tensors(eval_data)
-        if xy is not None:
-            if len(xy[0]) != len(xy[1]):
-                raise ValueError(f"eval_data: {len(xy[0])} inputs but {len(xy[1])} labels")
-            eval_data = xy
-        elif not isinstance(eval_data, (Dataset, DataLoader)):
-            raise TypeError(f"eval_data must be a pair (x, y) of tensors, a Dataset or a DataLoader, got {type(eval_data).__name__}")
-    return train_xy, eval_data, spec
-
-
-def _length(data) -> int | None:
-    if isinstance(data, DataLoader):
-        return len(data.dataset) if hasattr(data.dataset, "__len__") else None
-    return len(data)
-
-
-def _sampled_population(data, n_train: int | None) -> int | None:
-    """N for the online noise scale: the examples each batch is drawn from without replacement.
-
-    Tensors, a DataBundle and a map-style Dataset are shuffled by the Trainer (one permutation per
-    epoch, shared by all processes): N is the training set. A DataLoader draws by its sampler: N is
-    its dataset's length for torch's shuffling (without replacement) or sequential sampler over the
-    whole dataset, batched by torch's BatchSampler, else None (unknown: the 1/B approximation).
-    """
-    if not isinstance(data, DataLoader):
-        return n_train
-    if not isinstance(data.batch_sampler, torch.utils.data.BatchSampler):   # a custom batch sampler
-        return None
-    sampler = getattr(data, "sampler", None)
-    whole = n_train is not None and n_train >= 2
-    if isinstance(sampler, torch.utils.data.RandomSampler):
-        return n_train if whole and not sampler.replacement and sampler.num_samples == n_train else None
-    if isinstance(sampler, torch.utils.data.SequentialSampler):
-        return n_train if whole else None
-    return None
-
-
-def _first_batch(data):
-    if isinstance(data, DataLoader):
-        # A shuffling loader draws its order (and its workers' base seed) from the global
-        # generator: a look at its first batch must leave that generator where it was.
-        with torch.random.fork_rng(devices=[]):
-            batch = next(iter(data))
-        return batch[0], batch[1]
-    items = [data[i] for i in range(min(2, len(data)))]
-    xs = torch.stack([torch.as_tensor(it[0]) for it in items])
-    ys = torch.stack([torch.as_tensor(it[1]) for it in items])
-    return xs, ys
-
-
-def _rng_state() -> tuple:
-    """The global CPU generator's state, and the CUDA generators' where CUDA is in use."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state: tuple) -> None:
-    cpu, cuda = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
-
-
-def _check_model(model: nn.Module) -> None:
-    """A model the Trainer can move and train: tensors with data, something to train."""
-    empty = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if empty:
-        raise ValueError(f"model: {empty[:3]} are on the meta device (shapes without data), so the model cannot "
-                         f"be trained or moved; materialise it first (model.to_empty(device='cpu') and initialise "
-                         f"the parameters, or build it outside torch.device('meta'))")
-    params = list(model.parameters())
-    if not params:
-        raise ValueError("model has no parameters to train")
-    if not any(p.requires_grad for p in params):
-        raise ValueError(f"model: none of its {len(params)} parameters is trainable (all have requires_grad=False); "
-                         f"unfreeze some (p.requires_grad_(True)) before training")
-
-
-def _check_batch_schedule(cfg: TrainConfig, data, n_train: int | None) -> None:
-    """A batch_schedule the data can follow: not a DataLoader's fixed batches, none larger than the data."""
-    batch_schedule = cfg.batch_schedule_value
-    if batch_schedule is None:
-        return
-    if isinstance(data, DataLoader):
-        raise ValueError(f"batch_schedule={cfg.batch_schedule!r}: a DataLoader's batches have its own fixed size; "
-                         f"pass the tensors, a DataBundle or the Dataset so the trainer can batch them")
-    largest = max(batch_schedule.sizes)
-    if n_train is not None and largest > n_train:
-        raise ValueError(f"batch_schedule={cfg.batch_schedule!r} reaches a batch of {largest}, larger than the "
-                         f"training set ({n_train} examples); keep every batch size <= {n_train}")
-
-
-def _position(source, progress: Mapping, batch_size: int) -> tuple[int, int] | None:
-    """(batch_in_epoch, example_in_epoch) of a saved progress in ``source``'s epoch, or None if past its end.
-
-    The example position is what the data follows; the batch index is recounted from it, so a
-    checkpoint resumes exactly even where this trainer's batch size for that epoch differs.
-    """
-    epoch, batch = progress["epoch"], progress["batch_in_epoch"]
-    example = progress.get("example_in_epoch")
-    if example is None:   # written before positions were counted in examples: one batch size per epoch
-        example = batch * (source.batch_size_at(epoch) or batch_size)
-    if isinstance(example, bool) or not isinstance(example, int) or example < 0:
-        return None
-    if source.kind == "loader":   # batches of the loader's making: its count is the position
-        return batch, example
-    left = source.steps_left(epoch, example)
-    return (source.steps_in_epoch(epoch) - left, example) if left > 0 else None
-
-
-def _split_sizes(n: int, k: int) -> list[int]:
-    # The sizes tensor_split(batch of n, k) gives, as the step splits a batch into micro-batches.
-    k = min(k, n)
-    q, r = divmod(n, k)
-    return [q + 1] * r + [q] * (k - r)
-
-
-def _batch_norm_problems(model: nn.Module, n_train: int | None, cfg: TrainConfig, data) -> tuple[str | None, str | None]:
-    """What batch norm cannot normalise: (in every batch, in the short last batch of an epoch), or None."""
-    layers = [m for _, m in bn_layers(model)]
-    if not layers or n_train is None:
-        return None, None
-    if isinstance(data, DataLoader):
-        batch, drop_last = data.batch_size, data.drop_last
-    else:
-        batch, drop_last = cfg.batch_size, cfg.drop_last
-    if batch is None:
-        return None, None
-    if cfg.batch_schedule is not None and not isinstance(data, DataLoader):
-        # Every scheduled size is checked now, its short last batch included: the sizes change with the
-        # epoch, so a problem that only some epochs' last batch has is refused up front.
-        for b in cfg.batch_schedule_value.sizes:
-            every, last = _batch_norm_problems(model, n_train, cfg.replace(batch_size=b, batch_schedule=None), data)
-            if every is not None or last is not None:
-                return f"batch_schedule: {every or last}", None
-        return None, None
-    last = n_train % batch
-    splits = [cfg.accumulate] + ([2] if cfg.noise_scale_every is not None and cfg.accumulate == 1 else [])
-    ghost = any(hasattr(layer, "virtual_sizes") for layer in layers)
-
-    def problem(b: int) -> str | None:
-        what = f"the last batch of each epoch ({b} of {n_train} examples)" if b != batch else f"a batch of {b}"
-        fix = ("pass drop_last=True to skip the short last batch" if b != batch
-               else "use a larger batch_size or fewer accumulation steps")
-        for k in splits:
-            for m in sorted(set(_split_sizes(b, k))):
-                part = what if m == b else f"{what}, split into micro-batches of {m},"
-                if m < 2 and not ghost:
-                    return (f"batch_size={batch}: {part} leaves batch norm one example to normalise, which it "
-                            f"cannot; {fix}")
-                for layer in layers:
-                    if hasattr(layer, "virtual_sizes"):   # ghost batch norm: its virtual batches must fit
-                        try:
-                            layer.virtual_sizes(m)
-                        except ValueError as err:
-                            return f"batch_size={batch}: ghost batch norm cannot normalise {part}: {err}; {fix}"
-        return None
-
-    return problem(batch), (problem(last) if last and not drop_last else None)
-
-
-@torch.no_grad()
-def _check_fit(model: nn.Module, loss_fn, loss_name, x: torch.Tensor, y: torch.Tensor, all_labels=None,
-               metrics: Mapping[str, Callable] | None = None) -> None:
-    """Run two examples through the model (eval mode, nothing updated), the loss and the metrics."""
-    param = next(model.parameters())
-    device = param.device
-    was_training = model.training
-    model.eval()
-    try:
-        try:
-            out = model(x.to(device))
-        except Exception as err:
-            dtypes = ""
-            if x.is_floating_point() and param.is_floating_point() and x.dtype != param.dtype:
-                dtypes = (f"the model's parameters are {param.dtype} but the inputs are {x.dtype}: convert one "
-                          f"to the other (model.to({x.dtype}) or the inputs to {param.dtype}). ")
-            raise ValueError(f"data: {dtypes}the model cannot take inputs of shape {tuple(x.shape[1:])} "
-                             f"(per example): {err}") from err
-        y = y.to(device)
-        if loss_name == "cross_entropy":
-            if y.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) or out.dim() != 2 or y.dim() != 1:
-                raise ValueError(f"labels of shape {tuple(y.shape)} and dtype {y.dtype} do not fit the model's output "
-                                 f"of shape {tuple(out.shape)} for cross-entropy: expected int64 class indices of shape "
-                                 f"({out.shape[0]},) for an output of shape (N, classes)")
-            labels = all_labels if all_labels is not None else y
-            lo, hi, classes = int(labels.min()), int(labels.max()), out.shape[-1]
-            if lo < 0 or hi >= classes:
-                raise ValueError(f"labels range over [{lo}, {hi}] but the model has {classes} outputs; "
-                                 f"class indices must lie in [0, {classes - 1}]")
-        elif loss_name == "mse":
-            o = out.squeeze(-1) if out.dim() == y.dim() + 1 and out.shape[-1] == 1 else out
-            if o.shape != y.shape:
-                raise ValueError(f"labels of shape {tuple(y.shape)} do not fit the model's output of shape "
-                                 f"{tuple(out.shape)} for the mse loss")
-        try:
-            loss = loss_fn(out, y)
-        except Exception as err:
-            raise ValueError(f"labels of shape {tuple(y.shape)} do not fit the model's output of shape "
-                             f"{tuple(out.shape)}: {err}") from err
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.is_floating_point():
-            what = (f"a tensor of shape {tuple(loss.shape)} and dtype {loss.dtype}" if isinstance(loss, torch.Tensor)
-                    else f"a {type(loss).__name__}")
-            raise ValueError(f"loss: it returned {what}; the loss must return one floating-point number as a "
-                             f"tensor (reduce a per-example loss with .mean())")
-        for name, fn in (metrics or {}).items():
-            try:
-                value = fn(out, y)
-            except Exception as err:
-                raise ValueError(f"metrics[{name!r}]: it failed on the model's output of shape {tuple(out.shape)} "
-                                 f"and labels of shape {tuple(y.shape)}: {err}") from err
-            ok = (isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex()) or (
-                isinstance(value, (int, float)) and not isinstance(value, bool))
-            if not ok:
-                what = (f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor)
-                        else f"{type(value).__name__} {value!r}"[:80])
-                raise ValueError(f"metrics[{name!r}]: it returned {what}; a metric must return one number "
-                                 f"(a float or a one-element tensor)")
-    finally:
-        model.train(was_training)
