@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numbers
 
-__all__ = ["check_int", "check_positive_int", "is_int"]
+__all__ = ["check_int", "check_positive_int", "check_smoothing", "is_int"]
 
 
 def is_int(value) -> bool:
@@ -56,3 +56,19 @@ def check_int(name: str, value, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be {must}, got {value!r}")
     return int(value)
+
+
+def check_smoothing(value, name: str = "smoothing") -> float:
+    """An EMA's weight on the past, a number in [0, 1), as a float.
+
+    Example:
+        >>> check_smoothing(0.9)
+        0.9
+        >>> check_smoothing(1.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: smoothing must be a number in [0, 1) (the EMA's weight on the past), got 1.0
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1) (the EMA's weight on the past), got {value!r}")
+    return float(value)

@@ -42,7 +42,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from .checks import check_positive_int, is_int
+from .checks import check_positive_int, check_smoothing, is_int
 from .batching import train_tensors
 from .config import TrainConfig
 from .losses import resolve_loss
@@ -60,12 +60,6 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------- input checks
-def _check_smoothing(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"smoothing must be a number in [0, 1) (the EMA's weight on the past), got {value!r}")
-    return float(value)
-
-
 def _device_of(model: nn.Module) -> torch.device:
     try:
         return next(model.parameters()).device
@@ -844,7 +838,7 @@ def lr_find(trainer, *, start_lr: float = 1e-4, end_lr: float = 10.0, steps: int
         raise ValueError(f"end_lr={end_lr} must be larger than start_lr={start_lr}")
     if not is_int(steps) or steps < 2:
         raise ValueError(f"steps must be an int >= 2, got {steps!r}")
-    smoothing = _check_smoothing(smoothing)
+    smoothing = check_smoothing(smoothing)
     if isinstance(diverge, bool) or not isinstance(diverge, (int, float)) or not diverge > 1:
         raise ValueError(f"diverge must be a number > 1, got {diverge!r}")
 

@@ -20,16 +20,10 @@ from typing import Sequence
 
 import torch
 
-from .checks import check_positive_int, is_int
+from .checks import check_positive_int, check_smoothing, is_int
 
 __all__ = ["NoiseScale", "sampling_factor", "two_batch_estimate", "NoiseScaleEMA", "OnlineNoiseScale",
            "squared_grad_norm"]
-
-
-def _check_smoothing(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"smoothing must be a number in [0, 1) (the EMA's weight on the past), got {value!r}")
-    return float(value)
 
 
 @dataclass(frozen=True)
@@ -139,7 +133,7 @@ class NoiseScaleEMA:
     """
 
     def __init__(self, smoothing: float = 0.9):
-        self.smoothing = _check_smoothing(smoothing)
+        self.smoothing = check_smoothing(smoothing)
         self.count = 0
         self._g = 0.0
         self._t = 0.0

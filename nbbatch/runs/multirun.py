@@ -21,7 +21,7 @@ from ..config import TrainConfig, check_length
 from ..device import autocast_context, peak_memory_bytes, reset_peak_memory, resolve_device, resolve_precision
 from ..history import History
 from ..losses import accuracy, resolve_loss
-from ..schedules import Schedule, scale_lr
+from ..schedules import Schedule, check_warmup_fits, length_in_steps, scale_lr
 from ..trainer import Target
 from .engines import bmm_forward, check_same_architecture, probe, sequential_plan, stacked_losses, vmap_forward
 from .optimizers import MULTIRUN_OPTIMIZERS, StackedOptimizer
@@ -270,11 +270,7 @@ class MultiRun:
 
     # ------------------------------------------------------------------ schedules
     def _steps(self, steps, epochs):
-        if steps is not None:
-            return steps
-        if epochs is not None:
-            return max(int(round(epochs * self.steps_per_epoch)), 1 if epochs > 0 else 0)
-        return None
+        return length_in_steps(steps, epochs, self.steps_per_epoch)
 
     def _build_schedules(self, horizon: int | None) -> list[Schedule]:
         out = []
@@ -417,9 +413,10 @@ class MultiRun:
         horizon = self._horizon if self._horizon is not None else end
         schedules = self._schedules if self._schedules is not None else self._build_schedules(horizon)
         for r, s in enumerate(schedules):
-            if s.warmup != "none" and s.warmup_steps > horizon:
-                raise ValueError(f"run {r}: the warm-up ({s.warmup_steps} steps) is longer than the run "
-                                 f"({horizon} steps); shorten warmup_steps/warmup_epochs or train longer")
+            try:
+                check_warmup_fits(s.warmup_steps, horizon)
+            except ValueError as err:
+                raise ValueError(f"run {r}: {err}") from None
         self._schedules, self._horizon = schedules, horizon
         reset_peak_memory(self.device)
         eval_every = self.config.eval_every

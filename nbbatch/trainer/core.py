@@ -289,10 +289,7 @@ class Trainer:
         try:
             schedule = None
             if self._schedule is not None:
-                schedule = self._build_schedule(self._horizon)
-                if schedule.warmup != "none" and self._horizon is not None and schedule.warmup_steps > self._horizon:
-                    raise ValueError(f"the warm-up ({schedule.warmup_steps} steps) is longer than the run "
-                                     f"({self._horizon} steps); shorten warmup_steps/warmup_epochs")
+                schedule = self._build_schedule(self._horizon)   # checks the warm-up against the run
         except BaseException:
             self.config, self.peak_lr = old
             raise
@@ -647,9 +644,7 @@ class Trainer:
         self._check_last_batch(end - self.step_count)
         horizon = self._horizon if self._horizon is not None else end
         schedule = self._schedule if self._schedule is not None else self._build_schedule(horizon)
-        if schedule.warmup != "none" and schedule.warmup_steps > horizon:
-            raise ValueError(f"the warm-up ({schedule.warmup_steps} steps) is longer than the run ({horizon} steps); "
-                             f"shorten warmup_steps/warmup_epochs or train longer")
+        check_warmup_fits(schedule.warmup_steps, horizon)   # a schedule built before the run's length was known
         # validated: commit the plan
         self._schedule, self._horizon = schedule, horizon
         self._plan_end, self._plan_until = end, target
