@@ -55,3 +55,19 @@ def test_import_does_no_work(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout == "" and out.stderr == ""
     assert not (tmp_path / "cache").exists()
+
+
+def test_every_notebook_is_workshop_ready():
+    """Objectives and a time up front, exercises with revealable solutions, the checks marked as skippable."""
+    import json
+    guide = (ROOT / "docs" / "INSTRUCTORS.md").read_text()
+    for nb_path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        cells = json.loads(nb_path.read_text())["cells"]
+        markdown = ["".join(c["source"]) for c in cells if c["cell_type"] == "markdown"]
+        head = markdown[0]
+        assert "**Time:**" in head and "**Learning objectives.**" in head, f"{nb_path.name}: time and objectives first"
+        assert any(re.search(r"<summary>[^<]*Solution", m) for m in markdown), f"{nb_path.name}: an exercise's solution"
+        code = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
+        if any(re.search(r"^\s*assert ", c, re.M) for c in code):
+            assert any(m.startswith("## Checks (for the course's tests; skip)") for m in markdown), nb_path.name
+        assert f"`{nb_path.stem}`" in guide, f"{nb_path.name} is missing from the instructor guide"
