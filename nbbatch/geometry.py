@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .batching import train_tensors
 from .checks import check_positive_int
 from .losses import accuracy, resolve_loss
 
@@ -37,24 +38,6 @@ __all__ = ["DistanceFromInit", "distance_from", "hessian_top_eigenvalue", "inter
 
 
 # ---------------------------------------------------------------------- input checks
-def _as_xy(data, name: str = "data") -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, y) from a pair of tensors, a TensorDataset or a DataBundle (its training split)."""
-    if hasattr(data, "x_train") and hasattr(data, "y_train"):
-        x, y = data.x_train, data.y_train
-    elif isinstance(data, torch.utils.data.TensorDataset) and len(data.tensors) >= 2:
-        x, y = data.tensors[0], data.tensors[1]
-    elif isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        x, y = data
-    else:
-        raise TypeError(f"{name} must be a pair (x, y) of tensors, a TensorDataset or a DataBundle, "
-                        f"got {type(data).__name__}")
-    if len(x) != len(y):
-        raise ValueError(f"{name}: {len(x)} inputs but {len(y)} labels")
-    if len(x) == 0:
-        raise ValueError(f"{name} is empty")
-    return x, y
-
-
 def _check_model(model) -> list[torch.Tensor]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -218,7 +201,7 @@ def hessian_top_eigenvalue(model: nn.Module, data, loss="cross_entropy", *, iter
     """
     params = _check_model(model)
     loss_fn = resolve_loss(loss)
-    x, y = _as_xy(data)
+    x, y = train_tensors(data)
     check_positive_int("iters", iters)
     _check_positive("tol", tol)
     check_positive_int("batch_size", batch_size)
@@ -312,7 +295,7 @@ def sharpness(model: nn.Module, data, loss="cross_entropy", *, eps: float = 1e-3
     """
     params = _check_model(model)
     loss_fn = resolve_loss(loss)
-    x, y = _as_xy(data)
+    x, y = train_tensors(data)
     _check_positive("eps", eps)
     check_positive_int("iters", iters)
     alpha = 2.5 / iters if step_size is None else _check_positive("step_size", step_size)
@@ -394,9 +377,9 @@ def interpolate(model: nn.Module, w1, w2, data, eval_data=None, *, alphas: Seque
     loss_fn = resolve_loss(loss)
     if eval_data is None and hasattr(data, "x_test") and getattr(data, "x_test", None) is not None and len(data.x_test):
         eval_data = (data.x_test, data.y_test)
-    sets = {"train": _as_xy(data)}
+    sets = {"train": train_tensors(data)}
     if eval_data is not None:
-        sets["test"] = _as_xy(eval_data, "eval_data")
+        sets["test"] = train_tensors(eval_data, "eval_data")
     alphas = [float(a) for a in (torch.linspace(-1.0, 2.0, 31).tolist() if alphas is None else alphas)]
     if not alphas or not all(math.isfinite(a) for a in alphas):
         raise ValueError(f"alphas must be a non-empty sequence of finite numbers, got {alphas!r}")

@@ -460,7 +460,7 @@ def test_dataloader_is_used_as_given(toy):
 
 def test_data_lives_on_the_device_and_drop_last(toy):
     t = Trainer(make_mlp(), toy, batch_size=64, drop_last=True)
-    assert t._train.x.device == t.device and t.steps_per_epoch == 3
+    assert t.training_tensors()[0].device == t.device and t.steps_per_epoch == 3
     t.fit(epochs=1)
     assert t.history.steps["batch_size"] == [64, 64, 64]
     assert Trainer(make_mlp(), toy, batch_size=64).steps_per_epoch == 4
@@ -565,7 +565,7 @@ def test_config_round_trip():
 def test_cuda_training_in_each_precision(toy, precision):
     t = Trainer(make_mlp(), toy, batch_size=32, lr=0.1, device="cuda", precision=precision, seed=0)
     h = t.fit(epochs=3)
-    assert t._train.x.device.type == "cuda"
+    assert t.training_tensors()[0].device.type == "cuda"
     assert h.steps["loss"][-1] < h.steps["loss"][0]
     assert h.steps["peak_memory"][-1] > 0
     if precision == "auto":
