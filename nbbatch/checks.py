@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numbers
 
-__all__ = ["check_int", "check_positive_int", "check_smoothing", "is_int"]
+__all__ = ["check_int", "check_positive_int", "check_sizes", "check_smoothing", "is_int"]
 
 
 def is_int(value) -> bool:
@@ -72,3 +72,28 @@ def check_smoothing(value, name: str = "smoothing") -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be a number in [0, 1) (the EMA's weight on the past), got {value!r}")
     return float(value)
+
+
+def check_sizes(name: str, values) -> list[int]:
+    """A non-empty sequence of positive ints (batch sizes) as a list, in the order given.
+
+    Example:
+        >>> check_sizes("batch_sizes", (64, 32))
+        [64, 32]
+        >>> check_sizes("batch_sizes", [])
+        Traceback (most recent call last):
+        ...
+        ValueError: batch_sizes is empty: give at least one batch size, e.g. [32, 64, 128]
+    """
+    if isinstance(values, (str, bytes)):
+        raise TypeError(f"{name} must be a sequence of positive ints, got {values!r}")
+    try:
+        values = list(values)
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence of positive ints, got {values!r}") from None
+    if not values:
+        raise ValueError(f"{name} is empty: give at least one batch size, e.g. [32, 64, 128]")
+    bad = [v for v in values if not is_int(v) or v < 1]
+    if bad:
+        raise ValueError(f"{name} must hold positive ints, got {values!r} (bad: {bad!r})")
+    return [int(v) for v in values]

@@ -42,7 +42,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from .checks import check_positive_int, check_smoothing, is_int
+from .checks import check_positive_int, check_sizes, check_smoothing, is_int
 from .batching import train_tensors
 from .config import TrainConfig
 from .losses import resolve_loss
@@ -540,15 +540,8 @@ def sweep(model_fn: Callable[[], nn.Module], data, batch_sizes: Sequence[int], *
     if not callable(model_fn):
         raise TypeError(f"model_fn must be a callable returning a fresh model, got {type(model_fn).__name__}")
     x, y = train_tensors(data)
-    try:
-        batch_sizes = list(batch_sizes)
-    except TypeError:
-        raise TypeError(f"batch_sizes must be a sequence of ints, got {batch_sizes!r}") from None
-    if not batch_sizes:
-        raise ValueError("batch_sizes is empty: give at least one batch size")
+    batch_sizes = check_sizes("batch_sizes", batch_sizes)
     for b in batch_sizes:
-        if not is_int(b) or b < 1:
-            raise ValueError(f"batch_sizes must hold positive ints, got {b!r}")
         if b > len(x):
             raise ValueError(f"batch_sizes: {b} is larger than the training set ({len(x)} examples)")
     if len(set(batch_sizes)) != len(batch_sizes):

@@ -36,7 +36,7 @@ import torch.nn as nn
 
 from . import diagnostics, memory
 from .batching import train_tensors
-from .checks import is_int
+from .checks import check_sizes, is_int
 from .config import TrainConfig
 from .device import describe_device, resolve_device
 from .noise import NoiseScale
@@ -223,15 +223,7 @@ def _check_number(name: str, value, *, low: float = 0.0, allow_none: bool = Fals
 def _check_candidates(candidates, n: int) -> list[int]:
     if candidates is None:
         return default_candidates(n)
-    try:
-        values = list(candidates)
-    except TypeError:
-        raise TypeError(f"candidates must be a sequence of batch sizes, got {candidates!r}") from None
-    if not values:
-        raise ValueError("candidates is empty: give at least one batch size")
-    for v in values:
-        if not is_int(v) or v < 1:
-            raise ValueError(f"candidates must hold positive ints, got {v!r}")
+    values = check_sizes("candidates", candidates)
     if values != sorted(set(values)):
         raise ValueError(f"candidates must be increasing and distinct, got {values!r}")
     if values[0] > n:

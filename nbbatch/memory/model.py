@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..checks import is_int
+from ..checks import check_sizes, is_int
 
 __all__ = ["MemoryModel", "ROUNDINGS", "check_batch_sizes", "check_budget", "check_round_to", "mib", "round_down"]
 
@@ -25,14 +25,7 @@ def check_batch_sizes(batch_sizes) -> list[int]:
         >>> check_batch_sizes([64, 32, 64])
         [32, 64]
     """
-    if isinstance(batch_sizes, (str, bytes)) or not isinstance(batch_sizes, Sequence):
-        raise TypeError(f"batch_sizes must be a list of positive ints, got {batch_sizes!r}")
-    if len(batch_sizes) == 0:
-        raise ValueError("batch_sizes is empty; give at least one batch size, e.g. [32, 64, 128]")
-    bad = [b for b in batch_sizes if not is_int(b) or b < 1]
-    if bad:
-        raise ValueError(f"batch_sizes must be positive ints, got {list(batch_sizes)!r} (bad: {bad!r})")
-    return sorted(set(int(b) for b in batch_sizes))
+    return sorted(set(check_sizes("batch_sizes", batch_sizes)))
 
 
 def check_budget(budget) -> int:
