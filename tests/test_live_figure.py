@@ -173,3 +173,19 @@ def test_refresher_draws_first_frame_soon_then_at_the_gap():
     assert 0.04 <= during[0] < 0.5                        # the first frame soon after start
     gaps = np.diff(during)
     assert len(gaps) >= 2 and np.all(gaps > 0.1) and np.all(gaps < 0.8)
+
+
+def test_the_panel_prefetches_the_optimizers_import_once_in_the_background():
+    """torch._dynamo (imported by the first torch optimizer, about a second) is loaded while the panel is read."""
+    import subprocess
+    import sys
+    code = ("import sys, threading\n"
+            "from nbbatch.ui import panel\n"
+            "assert 'torch._dynamo' not in sys.modules\n"
+            "t = panel.prefetch_optimizer_imports()\n"
+            "assert isinstance(t, threading.Thread) and t.daemon and panel.prefetch_optimizer_imports() is t\n"
+            "t.join(60)\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"

@@ -7,8 +7,10 @@ stop, reschedule, checkpoint between optimizer steps) and build Trainers from th
 from __future__ import annotations
 
 import html
+import importlib
 import math
 import os
+import sys
 import threading
 import time
 from typing import Any, Callable, Mapping
@@ -103,6 +105,38 @@ def _next_run_dir(log_dir: str | os.PathLike) -> str:
     return os.path.join(root, f"run-{k:03d}")
 
 
+_PREFETCH = "torch._dynamo"
+_prefetch_lock = threading.Lock()
+_prefetch_thread: threading.Thread | None = None
+
+
+def prefetch_optimizer_imports() -> threading.Thread | None:
+    """Import ``torch._dynamo`` in a background thread, once per process; return that thread.
+
+    The first ``torch.optim`` optimizer of a process imports it (about 1.1-1.3 s on one core of
+    the reference machine, mostly ``torch._dynamo``'s compiler modules), and the panel builds
+    its Trainer, with its optimizer, when Train is clicked: without this, the first Train
+    waited that long before its first step. The panel starts the import as it is displayed,
+    while the participant reads it; a Train clicked sooner waits for the import as before.
+    Nothing new is loaded: every training run of the process imports the same module.
+    """
+    global _prefetch_thread
+    with _prefetch_lock:
+        if _PREFETCH in sys.modules or _prefetch_thread is not None:
+            return _prefetch_thread
+        _prefetch_thread = threading.Thread(target=_import_quietly, args=(_PREFETCH,),
+                                            name="nbbatch-prefetch", daemon=True)
+        _prefetch_thread.start()
+        return _prefetch_thread
+
+
+def _import_quietly(name: str) -> None:
+    try:
+        importlib.import_module(name)
+    except Exception:   # a torch without it: the optimizer's own import says what is wrong, in its thread
+        pass
+
+
 class TrainingPanel:
     """Controls, live figure, progress and status for training a Trainer from a notebook.
 
@@ -192,6 +226,8 @@ class TrainingPanel:
             self.image.value = self._figure.png([{"steps": {}, "evals": {}}])
             self.image.layout.display = None
         self._refresher = Refresher(self._draw, interval=refresh, tick=self._tick)
+        if not headless:
+            prefetch_optimizer_imports()
         self._structural_change()          # a starting combination the trainer would refuse is shown now
         if trainer is not None:
             self._adopt(trainer, self.values())
