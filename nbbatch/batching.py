@@ -166,7 +166,21 @@ class DatasetBatches(_Scheduled):
             yield xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
 
 
-class LoaderBatches:
+class FixedBatchSize:
+    """The position arithmetic of a source whose batches all have ``batch_size`` examples
+    (``steps_per_epoch`` of them), the last of an epoch excepted."""
+
+    def batch_size_at(self, epoch: int) -> int:
+        return self.batch_size
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        return self.steps_per_epoch
+
+    def steps_left(self, epoch: int, start: int) -> int:
+        return max(self.steps_per_epoch - -(-start // self.batch_size), 0)
+
+
+class LoaderBatches(FixedBatchSize):
     """A user's ``DataLoader``, used as it is: its batches are the optimizer batches.
 
     Resuming mid-epoch skips the batches already used; the order matches the interrupted run
@@ -188,15 +202,6 @@ class LoaderBatches:
 
     def whole(self):
         return self.loader
-
-    def batch_size_at(self, epoch: int) -> int:
-        return self.batch_size
-
-    def steps_in_epoch(self, epoch: int) -> int:
-        return self.steps_per_epoch
-
-    def steps_left(self, epoch: int, start: int) -> int:
-        return max(self.steps_per_epoch - -(-start // self.batch_size), 0)
 
     def batches(self, epoch: int, start: int = 0):
         """The loader's batches, skipping those that end at or before example ``start``."""

@@ -54,7 +54,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from .batching import DatasetBatches, TensorBatches, epoch_permutation
+from .batching import DatasetBatches, FixedBatchSize, TensorBatches, epoch_permutation
 from .norms import bn_layers
 
 __all__ = ["Distributed", "DistContext", "LaunchError", "ReportedByRank0", "SingleProcess", "free_port",
@@ -472,7 +472,7 @@ def _share(idx: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return idx.tensor_split(world)[rank]
 
 
-class _Shard:
+class _Shard(FixedBatchSize):
     """This rank's share of each global batch of an inner batch source (same seed, same epochs)."""
 
     def __init__(self, inner, rank: int, world: int):
@@ -490,15 +490,6 @@ class _Shard:
 
     def whole(self):
         return self.inner.whole()
-
-    def batch_size_at(self, epoch: int) -> int:
-        return self.batch_size
-
-    def steps_in_epoch(self, epoch: int) -> int:
-        return self.steps_per_epoch
-
-    def steps_left(self, epoch: int, start: int) -> int:
-        return max(self.steps_per_epoch - -(-start // self.batch_size), 0)
 
 
 class ShardedTensorBatches(_Shard):
