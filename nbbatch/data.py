@@ -294,15 +294,14 @@ def _generator_version(package: str) -> str:
         return "not-installed"     # a miss then; generating raises the ImportError that says so
 
 
-def _mnist1d_cache_path(directory: Path, num_samples: int, train_split: float, seed: int) -> Path:
-    # Keyed on our arguments and on the installed mnist1d's version (which fixes the defaults of
-    # its other generator arguments), read from the package metadata: a cache hit never imports
-    # mnist1d, which imports scipy and matplotlib (about 50 MiB a kernel), and a mnist1d release
-    # that changes a default cannot serve a stale file.
-    key = {"generator": "mnist1d.data.make_dataset", "version": _generator_version("mnist1d"),
-           "num_samples": num_samples, "train_split": train_split, "seed": seed, "format": 1}
+def _cache_path(directory: Path, stem: str, generator: str, package: str, **arguments) -> Path:
+    """``directory/<stem>_<digest>.npz``, the digest keyed on the generator, the installed version of
+    ``package`` (read from its metadata, so a cache hit never imports it: mnist1d imports scipy and
+    matplotlib, scikit-learn scipy, about 50 MiB a kernel) and every argument; a release that
+    changes a default of the generator's other arguments cannot serve a stale file."""
+    key = {"generator": generator, "version": _generator_version(package), "format": 1, **arguments}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    return directory / f"mnist1d_n{num_samples}_split{train_split!r}_seed{seed}_{digest}.npz"
+    return directory / f"{stem}_{digest}.npz"
 
 
 def mnist1d(
@@ -345,7 +344,8 @@ def mnist1d(
             f"num_samples={num_samples} with train_split={train_split} leaves an empty train or "
             f"test set ({n_train} train / {total - n_train} test); raise num_samples or move train_split"
         )
-    path = _mnist1d_cache_path(_cache_dir(cache_dir), num_samples, train_split, seed)
+    path = _cache_path(_cache_dir(cache_dir), f"mnist1d_n{num_samples}_split{train_split!r}_seed{seed}",
+                       "mnist1d.data.make_dataset", "mnist1d", num_samples=num_samples, train_split=train_split, seed=seed)
     arrays = _cached(path, lambda: _make_mnist1d(num_samples, train_split, seed))
     x_train, y_train = torch.from_numpy(arrays["x"]), torch.from_numpy(arrays["y"])
     x_test, y_test = torch.from_numpy(arrays["x_test"]), torch.from_numpy(arrays["y_test"])
@@ -401,10 +401,8 @@ def digits(test_fraction: float = 0.2, seed: int = 0, cache_dir: Optional[PathLi
     """
     test_fraction = _check_float("test_fraction", test_fraction, 0.0, 1.0, low_open=True, high_open=True)
     seed = _check_seed(seed)
-    key = {"generator": "sklearn.datasets.load_digits", "version": _generator_version("scikit-learn"),
-           "test_fraction": test_fraction, "seed": seed, "format": 1}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    path = _cache_dir(cache_dir) / f"digits_test{test_fraction!r}_seed{seed}_{digest}.npz"
+    path = _cache_path(_cache_dir(cache_dir), f"digits_test{test_fraction!r}_seed{seed}",
+                       "sklearn.datasets.load_digits", "scikit-learn", test_fraction=test_fraction, seed=seed)
     arrays = _cached(path, lambda: _make_digits(test_fraction, seed))
     x_train, y_train = torch.from_numpy(arrays["x"]), torch.from_numpy(arrays["y"])
     x_test, y_test = torch.from_numpy(arrays["x_test"]), torch.from_numpy(arrays["y_test"])
